@@ -1,0 +1,49 @@
+"""What every launcher shares: user errors as one line and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from pipeline.errors import PipelineError
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn):
+    """Turn PipelineError into `error: ...` lines on stderr and a non-zero exit; Ctrl-C into 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as exc:
+            for problem in exc.problems if len(exc.problems) > 1 else [str(exc)]:
+                click.echo(f"error: {problem}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our own lines: no Ray Data progress walls or MLflow chatter."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("mlflow", "alembic", "ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)

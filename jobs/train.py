@@ -1,0 +1,58 @@
+"""Train the LSTM classifier on Ray Train and track it in MLflow.
+
+    lstm-pipeline train                                   # defaults (= conf/train.yaml)
+    lstm-pipeline train -c conf/train.yaml model.hidden_size=128 scaling.num_workers=2
+    python -m jobs.train -c conf/train.yaml train.epochs=10
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import click
+
+from jobs.common import quiet_libraries, user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML config (sections data, model, train, scaling, tracking). "
+                   "Without it the built-in defaults apply (the same as conf/train.yaml).")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@user_errors
+def train(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Train on the configured Parquet shards; log the run and register the model in MLflow.
+
+    OVERRIDES are dotted config keys, e.g. model.hidden_size=128 scaling.num_workers=4
+    data.train_path=s3://bucket/train tracking.tracking_uri=http://mlflow:5000
+    """
+    quiet_libraries()
+    from pipeline.config import TrainJobConfig, dump_yaml, load_config
+    from pipeline.train import run_training
+
+    cfg = load_config(TrainJobConfig, config_path, list(overrides))
+    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
+    result = run_training(cfg, config_text=dump_yaml(cfg), command=command, console=click.echo)
+    click.echo("")
+    click.echo(f"run id:          {result.run_id}")
+    if result.version:
+        alias = f" (alias @{cfg.tracking.alias})" if cfg.tracking.alias else ""
+        click.echo(f"registered:      models:/{result.registered_name}/{result.version}{alias}")
+    click.echo(f"model:           {result.model_uri}")
+    click.echo(f"val accuracy:    {result.val_accuracy:.4f} (best val_loss {result.val_loss:.4f})")
+    ui = "lstm-pipeline ui" if result.tracking_uri.startswith("sqlite:") else f"open {result.tracking_uri}"
+    click.echo(f"open the UI:     {ui}"
+               + (f" --tracking-uri {result.tracking_uri}" if ui == "lstm-pipeline ui"
+                  and result.tracking_uri != _default_uri() else ""))
+
+
+def _default_uri() -> str:
+    from pipeline.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(None)
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,338 @@
+"""Typed job configuration: dataclasses loaded from YAML plus dotted `key=value` overrides.
+
+    cfg = load_config(TrainJobConfig, "conf/train.yaml", ["model.hidden_size=128"])
+
+Unknown keys and wrong types are errors that name the dotted key; every problem in a file and
+its overrides is reported at once. Only these dataclasses cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError, collect
+
+PathList = str | list[str]
+
+
+@dataclass
+class DataConfig:
+    train_path: PathList = "data/synth/train"
+    """Training shards: a directory, a glob, a file, or a list of those (local path or URI)."""
+    val_path: PathList | None = "data/synth/val"
+    """Validation shards, same forms. When null, `val_fraction` of the training rows is held out."""
+    val_fraction: float = 0.0
+    """Fraction of training rows held out for validation when `val_path` is null (0 < f < 1)."""
+    features_column: str = "features"
+    """Column of `list<list<float>>` (time-major, [length, n_features]) per row."""
+    label_column: str = "label"
+    """Integer class index in [0, num_classes)."""
+    id_column: str | None = "id"
+    """Optional id column carried to predictions; ignored when absent."""
+    num_classes: int | None = None
+    """Number of classes; inferred from the training labels when null."""
+    class_names: list[str] | None = None
+    """Optional names for the classes, index-aligned; stored with the model."""
+    batch_size: int = 128
+    """Sequences per batch on each worker."""
+    sample_rows: int = 2048
+    """Rows per file checked up front (values); schemas and metadata of every file are always checked."""
+    seed: int = 0
+    """Seed for the validation split."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.val_path is None and not 0.0 < self.val_fraction < 1.0:
+            problems.append(
+                "data.val_fraction must be between 0 and 1 (exclusive) when data.val_path is null"
+            )
+        if self.val_path is not None and self.val_fraction:
+            problems.append("set either data.val_path or data.val_fraction, not both")
+        if self.batch_size < 1:
+            problems.append("data.batch_size must be >= 1")
+        if self.num_classes is not None and self.num_classes < 2:
+            problems.append("data.num_classes must be >= 2")
+        if self.class_names is not None and self.num_classes not in (None, len(self.class_names)):
+            problems.append("data.class_names must have data.num_classes entries")
+        if self.sample_rows < 1:
+            problems.append("data.sample_rows must be >= 1")
+        collect(problems, ConfigError)
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 64
+    """LSTM hidden units per direction."""
+    num_layers: int = 1
+    """Stacked LSTM layers."""
+    dropout: float = 0.0
+    """Dropout between LSTM layers and before the output layer."""
+    bidirectional: bool = False
+    """Run a second LSTM backwards over each sequence and concatenate both summaries."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.hidden_size < 1:
+            problems.append("model.hidden_size must be >= 1")
+        if self.num_layers < 1:
+            problems.append("model.num_layers must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("model.dropout must be in [0, 1)")
+        collect(problems, ConfigError)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 6
+    """Passes over the training data."""
+    lr: float = 5e-3
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    log_every_n_steps: int = 20
+    """Log the training loss to MLflow every N optimizer steps (rank 0)."""
+    seed: int = 0
+    """Seed for weight initialisation and dropout."""
+    storage_path: str = "ray_results"
+    """Where Ray Train writes checkpoints: a local directory (made absolute) or a URI."""
+    checkpoints_to_keep: int = 2
+    """Checkpoints kept on storage, best by validation loss."""
+    max_failures: int = 0
+    """Times Ray Train restarts the worker group from the latest checkpoint after a failure."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append("train.epochs must be >= 1")
+        if self.lr <= 0:
+            problems.append("train.lr must be > 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            problems.append("train.grad_clip must be > 0 or null")
+        if self.log_every_n_steps < 1:
+            problems.append("train.log_every_n_steps must be >= 1")
+        if self.checkpoints_to_keep < 1:
+            problems.append("train.checkpoints_to_keep must be >= 1")
+        if self.max_failures < -1:
+            problems.append("train.max_failures must be >= 0 (or -1 for unlimited)")
+        collect(problems, ConfigError)
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    """Training workers (DDP processes)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL backend. CPU training uses gloo."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker; also the worker's torch thread count."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places workers on nodes."""
+    address: str | None = None
+    """Ray cluster address; null uses RAY_ADDRESS, else starts a local Ray."""
+    local_num_cpus: int | None = None
+    """Logical CPUs for a local Ray; null = enough for the workers plus the data pipeline."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_workers < 1:
+            problems.append("scaling.num_workers must be >= 1")
+        if self.cpus_per_worker < 1:
+            problems.append("scaling.cpus_per_worker must be >= 1")
+        collect(problems, ConfigError)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None
+    """MLflow tracking URI; null uses MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""
+    experiment: str = "lstm-pipeline"
+    """MLflow experiment for the runs."""
+    run_name: str | None = None
+    """Run name; null lets the pipeline name it."""
+    artifact_location: str | None = None
+    """Artifact root for a new experiment; null = ./mlartifacts for a local store, else the server's."""
+    registered_model_name: str | None = "lstm-classifier"
+    """Register the model under this name; null skips registration."""
+    alias: str | None = "current"
+    """Alias set on the new model version (`models:/NAME@current`). MLflow reserves `latest`."""
+
+    def __post_init__(self) -> None:
+        if self.alias is not None and self.alias.lower() == "latest":
+            raise ConfigError("tracking.alias 'latest' is reserved by MLflow (models:/NAME/latest "
+                              "already means the newest version): choose another alias, e.g. current")
+
+
+@dataclass
+class TrainJobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] = ()):
+    """Build `cls` from a YAML file (optional) and `key=value` overrides, validating types."""
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"bad override {item!r}: write it as dotted.key=value")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.split("."), parsed)
+    collect(problems, ConfigError, "overrides")
+    return build(cls, raw)
+
+
+def build(cls: type, raw: dict[str, Any], prefix: str = ""):
+    """Turn a nested dict into dataclass `cls`, reporting every unknown key and bad type."""
+    problems: list[str] = []
+    value = _convert(cls, raw, prefix, problems)
+    collect(problems, ConfigError, "config")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file with -c")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against type `tp`; return the converted value (or None after a problem)."""
+    label = key or "config"
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            problems.append(f"{label} must be a mapping, got {value!r}")
+            return None
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        for unknown in sorted(set(value) - names):
+            problems.append(
+                f"unknown config key {key + '.' if key else ''}{unknown} "
+                f"(known: {', '.join(sorted(names))})"
+            )
+        kwargs = {}
+        before = len(problems)
+        for name in names & set(value):
+            kwargs[name] = _convert(hints[name], value[name], f"{key}.{name}" if key else name, problems)
+        if len(problems) > before:
+            return None
+        try:
+            return tp(**kwargs)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner:
+            trial: list[str] = []
+            converted = _convert(candidate, value, key, trial)
+            if not trial:
+                return converted
+        problems.append(f"{label} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{label} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{label} must be a list, got {value!r}")
+            return None
+        return [_convert(args[0], item, f"{label}[{i}]", problems) for i, item in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{label} must be a number, got {value!r}")
+            return None
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{label} must be an integer, got {value!r}")
+            return None
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{label} must be true or false, got {value!r}")
+            return None
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{label} must be a string, got {value!r}")
+            return None
+        return value
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{label} must be null, got {value!r}")
+        return None
+    raise TypeError(f"unsupported config type {tp!r} at {label}")

@@ -1,0 +1,184 @@
+"""The LSTM sequence classifier and its MLflow pyfunc wrapper.
+
+This file is self-contained on purpose (torch, numpy, pyarrow, pandas, mlflow; nothing from this
+package): it is logged with every model as MLflow "model from code", so a logged model loads with
+`mlflow.pyfunc.load_model(uri)` wherever those libraries are installed, without `pipeline` on the
+path and without unpickling any of our classes.
+
+What the seed tutorial got wrong and this fixes:
+- it read `out[:, -1]`, which for a padded batch is a padding step for every shorter sequence;
+  we pack the batch and read the final hidden state, i.e. the last *valid* step of each sequence;
+- it built `h0`/`c0` on the CPU from an undefined global; nn.LSTM makes zero states itself, on
+  the input's device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+
+class LSTMClassifier(nn.Module):
+    """nn.LSTM over padded batches -> nn.Linear on each sequence's last valid step."""
+
+    def __init__(
+        self,
+        n_features: int,
+        num_classes: int,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+    ):
+        super().__init__()
+        self.lstm = nn.LSTM(
+            input_size=n_features,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            # nn.LSTM applies dropout between layers only; it warns when there is one layer.
+            dropout=dropout if num_layers > 1 else 0.0,
+            bidirectional=bidirectional,
+            batch_first=True,
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
+        # Start the forget gates open (bias 1, as Keras' unit_forget_bias does; Jozefowicz et al.
+        # 2015) so the cell state carries information over long sequences from the first steps
+        # of training. PyTorch's gate order in the bias is input, forget, cell, output.
+        with torch.no_grad():
+            for name, param in self.lstm.named_parameters():
+                if name.startswith("bias_ih"):
+                    param[hidden_size:2 * hidden_size].fill_(1.0)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x: [batch, time, features] zero-padded; lengths: [batch] valid steps. Returns logits."""
+        # pack_padded_sequence wants the lengths on the CPU whatever the device of x.
+        packed = pack_padded_sequence(
+            x, lengths.detach().to("cpu", torch.int64), batch_first=True, enforce_sorted=False
+        )
+        _, (h_n, _) = self.lstm(packed)
+        # h_n: [layers * directions, batch, hidden], already in the input's batch order. For the
+        # forward direction it is the state at each sequence's last valid step; for the backward
+        # direction it is the state after reading the whole sequence back to step 0.
+        if self.lstm.bidirectional:
+            summary = torch.cat([h_n[-2], h_n[-1]], dim=1)
+        else:
+            summary = h_n[-1]
+        return self.head(self.dropout(summary))
+
+
+def build_model(meta: dict[str, Any]) -> LSTMClassifier:
+    """Build the classifier from the model metadata stored in checkpoints and logged models."""
+    arch = meta["model"]
+    return LSTMClassifier(
+        n_features=meta["n_features"],
+        num_classes=meta["num_classes"],
+        hidden_size=arch["hidden_size"],
+        num_layers=arch["num_layers"],
+        dropout=arch["dropout"],
+        bidirectional=arch["bidirectional"],
+    )
+
+
+def pad_arrow(features: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Arrow `list<list<float>>` (or fixed-size lists) -> zero-padded [B, T, F] float32 + lengths.
+
+    Vectorised: the values are flattened once (no per-row Python) and scattered into the padded
+    array with a boolean mask, which visits steps in the same row-major order as the values.
+    Raises ValueError with a plain-language reason when the data cannot be a sequence batch.
+    """
+    if isinstance(features, pa.ChunkedArray):
+        features = features.combine_chunks()
+    if features.null_count:
+        raise ValueError("null sequences (features is null in some rows)")
+    lengths = pc.list_value_length(features).to_numpy(zero_copy_only=False).astype(np.int64)
+    steps = features.flatten()
+    if not (pa.types.is_list(steps.type) or pa.types.is_large_list(steps.type)
+            or pa.types.is_fixed_size_list(steps.type)):
+        raise ValueError(f"features must be a list of lists (time-major), got {features.type}")
+    if steps.null_count:
+        raise ValueError("null time steps inside some sequences")
+    widths = pc.list_value_length(steps).to_numpy(zero_copy_only=False)
+    batch = len(lengths)
+    n_features = int(widths[0]) if len(widths) else 0
+    if len(widths) and (widths != n_features).any():
+        bad = int(np.flatnonzero(widths != n_features)[0])
+        row = int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
+        raise ValueError(
+            f"inconsistent n_features: row {row} has a step with {int(widths[bad])} features, "
+            f"others have {n_features}"
+        )
+    values = steps.flatten()
+    if values.null_count:
+        raise ValueError("null feature values")
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if not np.isfinite(flat).all():
+        where = int(np.flatnonzero(~np.isfinite(flat))[0]) // max(n_features, 1)
+        row = int(np.searchsorted(np.cumsum(lengths), where, side="right"))
+        raise ValueError(f"NaN or inf feature values (first in row {row} of the batch)")
+    if batch and lengths.min() == 0:
+        row = int(np.flatnonzero(lengths == 0)[0])
+        raise ValueError(f"zero-length sequence in row {row} of the batch")
+    max_len = int(lengths.max()) if batch else 0
+    out = np.zeros((batch, max_len, n_features), dtype=np.float32)
+    if batch:
+        mask = np.arange(max_len)[None, :] < lengths[:, None]
+        out[mask] = flat.reshape(-1, n_features)
+    return out, lengths, n_features
+
+
+def _features_to_arrow(column: pd.Series) -> pa.Array:
+    """A pandas column of sequences (lists of lists or 2-D arrays) -> Arrow list<list<float32>>."""
+    rows = [list(v) if isinstance(v, np.ndarray) and v.ndim == 2 else v for v in column]
+    return pa.array(rows, type=pa.list_(pa.list_(pa.float32())))
+
+
+class LSTMPyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: DataFrame with a `features` column -> prediction, probabilities[, label_name]."""
+
+    def load_context(self, context) -> None:
+        with open(context.artifacts["meta"]) as fh:
+            self.meta = json.load(fh)
+        self.module = build_model(self.meta)
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state)
+        self.module.eval()
+
+    @torch.inference_mode()
+    def predict_padded(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Class probabilities [B, C] for a padded float32 batch; the fast path for batch jobs."""
+        logits = self.module(torch.from_numpy(x), torch.from_numpy(lengths))
+        return torch.softmax(logits.float(), dim=1).numpy()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        column = self.meta.get("features_column", "features")
+        if column not in model_input.columns:
+            raise ValueError(f"input has no {column!r} column (columns: {list(model_input.columns)})")
+        x, lengths, n_features = pad_arrow(_features_to_arrow(model_input[column]))
+        if len(lengths) and n_features != self.meta["n_features"]:
+            raise ValueError(
+                f"input has {n_features} features per step, the model was trained on "
+                f"{self.meta['n_features']}"
+            )
+        probs = self.predict_padded(x, lengths)
+        pred = probs.argmax(axis=1).astype(np.int64)
+        out = pd.DataFrame({"prediction": pred, "probabilities": list(probs.astype(np.float32))})
+        names = self.meta.get("class_names")
+        if names:
+            out["label_name"] = [names[i] for i in pred]
+        return out
+
+
+# MLflow loads a logged model by executing this file as a fresh module ("model from code"); the
+# model object it serves is the one registered here. Importing `pipeline.model` registers nothing.
+if __name__ != "pipeline.model":
+    mlflow.models.set_model(LSTMPyfunc())

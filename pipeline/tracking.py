@@ -1,0 +1,200 @@
+"""MLflow: where runs go, run lifecycle, metric logging, the logged pyfunc model and the registry.
+
+The driver owns the run: it creates it before any cluster work (so every job has a run id, even
+one that fails) and ends it FINISHED, FAILED or KILLED. Inside training only world rank 0 logs,
+into that run id, through `MlflowClient` (no global active-run state crosses processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MODEL_CODE = str(Path(__file__).with_name("model.py"))
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else ./mlflow.db; local paths made absolute."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path.startswith("/"):
+            return "sqlite:///" + os.path.abspath(path)
+        return uri
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file"):
+        path = urlparse(uri).path if scheme == "file" else uri
+        return Path(os.path.abspath(os.path.expanduser(path))).as_uri()
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in ("sqlite", "file", "")
+
+
+def resolve_artifact_location(uri: str, configured: str | None) -> str | None:
+    """Artifact root for new experiments: configured, else ./mlartifacts for a local store.
+
+    For a tracking server, None lets the server decide (with --serve-artifacts it proxies uploads).
+    """
+    if configured:
+        scheme = urlparse(configured).scheme
+        if scheme in ("", "file"):
+            path = urlparse(configured).path if scheme == "file" else configured
+            return Path(os.path.abspath(os.path.expanduser(path))).as_uri()
+        return configured
+    if is_local_store(uri):
+        return Path(os.path.abspath("mlartifacts")).as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with one clear line when an HTTP tracking server does not answer."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise TrackingError(f"MLflow server at {uri} refused access (HTTP {exc.code}): set "
+                                "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN") from None
+        # Some proxies do not route /health; any HTTP answer means the server is up.
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow server at {uri} is unreachable ({reason}): start it (`lstm-pipeline ui` or "
+            "`mlflow server`) or point tracking.tracking_uri / MLFLOW_TRACKING_URI at a running one"
+        ) from None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_or_create_experiment(mlc, name: str, artifact_location: str | None) -> str:
+    exp = mlc.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it in the UI or "
+                                "choose another tracking.experiment")
+        return exp.experiment_id
+    return mlc.create_experiment(name, artifact_location=artifact_location)
+
+
+def start_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    run = mlc.create_run(experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+def end_run(mlc, run_id: str, status: str, error: str | None = None) -> None:
+    """FINISHED, FAILED or KILLED; a failure's message goes into the `error` tag."""
+    if error:
+        mlc.set_tag(run_id, "error", error[:5000])
+    mlc.set_terminated(run_id, status=status)
+
+
+def log_params(mlc, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        mlc.log_batch(run_id, params=items[i:i + 100])
+
+
+class MetricLogger:
+    """Rank-0 metric logging that never blocks a training step: MLflow's async batch logging."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.mlc = client(uri)
+        self.run_id = run_id
+        self.pending: list = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        if len(self.pending) >= 200:
+            self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        for i in range(0, len(self.pending), 1000):
+            self.mlc.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=wait)
+        self.pending = []
+        if wait:
+            import mlflow
+
+            mlflow.flush_async_logging()
+
+
+def model_signature(class_names: list[str] | None):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    outputs = [ColSpec("long", "prediction"), ColSpec(Array("float"), "probabilities")]
+    if class_names:
+        outputs.append(ColSpec("string", "label_name"))
+    return ModelSignature(inputs=Schema([ColSpec(Array(Array("double")), "features")]),
+                          outputs=Schema(outputs))
+
+
+def log_model(run_id: str, uri: str, state_dict: dict, meta: dict, input_example) -> str:
+    """Log the pyfunc model (weights + metadata + model.py as code) into the run; returns its URI."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy
+    import pandas
+    import pyarrow
+    import torch
+
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.pt")
+        torch.save(state_dict, weights)
+        meta_path = os.path.join(tmp, "meta.json")
+        with open(meta_path, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        requirements = [
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}",
+            f"numpy=={numpy.__version__}",
+            f"pandas=={pandas.__version__}",
+            f"pyarrow=={pyarrow.__version__}",
+        ]
+        # Leaving this block marks the run FINISHED; the driver sets the final status after it.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=MODEL_CODE,
+                artifacts={"weights": weights, "meta": meta_path},
+                signature=model_signature(meta.get("class_names")),
+                input_example=input_example,
+                pip_requirements=requirements,
+            )
+    return info.model_uri
+
+
+def register_model(mlc, model_uri: str, run_id: str, name: str, alias: str | None,
+                   description: str, tags: dict[str, str]) -> str:
+    """Register `model_uri` under `name`, set `alias` on the new version; returns the version."""
+    import mlflow
+
+    mlflow.set_registry_uri(mlc._registry_uri)
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    mlc.update_model_version(name, mv.version, description=description)
+    if alias:
+        mlc.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)

@@ -1,0 +1,439 @@
+"""Distributed training: Ray Train `TorchTrainer` runs DDP workers over streamed Parquet shards.
+
+    cfg = load_config(TrainJobConfig, "conf/train.yaml", ["scaling.num_workers=2"])
+    result = run_training(cfg)
+
+The driver validates everything first (config, data, MLflow, cluster resources), opens the
+MLflow run, runs the trainer, then logs and registers the model from the best checkpoint and
+closes the run. `train_loop_per_worker` is the per-worker loop; `train_epoch` and `evaluate` are
+plain functions of a model and batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import tracking
+from pipeline.config import TrainJobConfig, dump_yaml, flatten, to_dict
+from pipeline.data import SequenceCollate, TrainData, absolute, is_uri, make_datasets, validate_train_data
+from pipeline.errors import PipelineError, TrainingError
+from pipeline.model import build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    model_uri: str
+    registered_name: str | None
+    version: str | None
+    val_accuracy: float
+    val_loss: float
+    checkpoint_path: str
+
+
+# --------------------------------------------------------------------------- per-worker loop
+
+
+def train_epoch(model, optimizer, batches: Iterable[dict], device, grad_clip: float | None,
+                on_step: Callable[[int, float], None], step: int) -> tuple[float, int, int]:
+    """One pass over `batches`; returns (summed loss, sequences seen, global step)."""
+    model.train()
+    total_loss = torch.zeros((), dtype=torch.float64)
+    seen = 0
+    for batch in batches:
+        x = batch["x"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x, batch["lengths"])
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        step += 1
+        detached = loss.detach()
+        total_loss += detached.double().cpu() * len(y)
+        seen += len(y)
+        on_step(step, detached)
+    return float(total_loss), seen, step
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[dict], device) -> tuple[float, int, int]:
+    """(summed loss, correct predictions, sequences) over `batches`."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in batches:
+        x = batch["x"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        logits = model(x, batch["lengths"])
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+        count += len(y)
+    return loss_sum, correct, count
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainJobConfig = config["cfg"]
+    meta: dict[str, Any] = config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker actually reserved.
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    torch.manual_seed(cfg.train.seed)
+
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(build_model(meta))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay)
+    start_epoch, step = 0, 0
+    best_val_loss = math.inf
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location=device,
+                               weights_only=True)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        best_val_loss = state.get("best_val_loss", math.inf)
+
+    logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    every = cfg.train.log_every_n_steps
+
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        if logger is not None and step % every == 0:
+            logger.log({"train_loss_step": float(loss)}, step)
+
+    collate = SequenceCollate(cfg.data.features_column, cfg.data.label_column,
+                              meta["num_classes"], meta["n_features"])
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_args = dict(batch_size=cfg.data.batch_size, collate_fn=collate, device="cpu")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.perf_counter()
+        loss_sum, seen, step = train_epoch(
+            model, optimizer, train_shard.iter_torch_batches(**batch_args), device,
+            cfg.train.grad_clip, on_step, step,
+        )
+        train_seconds = time.perf_counter() - t0
+        val_loss_sum, correct, count = evaluate(model, val_shard.iter_torch_batches(**batch_args), device)
+        loss_sum, seen, val_loss_sum, correct, count = _all_reduce_sum(
+            [loss_sum, seen, val_loss_sum, correct, count], device)
+        if count == 0:
+            raise TrainingError("the validation set is empty: give data.val_path more rows or "
+                                "raise data.val_fraction")
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"training loss became non-finite in epoch {epoch + 1} (step {step}): "
+                                "lower train.lr or set train.grad_clip")
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_loss": val_loss_sum / count,
+            "val_accuracy": correct / count,
+            "sequences_per_second": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - t0,
+        }
+        best_val_loss = min(best_val_loss, metrics["val_loss"])
+        if rank == 0:
+            logger.log({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch + 1)
+            logger.flush()
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "best_val_loss": best_val_loss,
+                    "meta": meta,
+                }, os.path.join(tmp, CHECKPOINT_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if config.get("progress") is not None:
+                config["progress"].put_nowait(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+    if logger is not None:
+        logger.flush(wait=True)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
+    """Every local path made absolute on the driver: Ray workers run in other directories."""
+    def fix(p):
+        if p is None:
+            return None
+        return [absolute(x) for x in p] if isinstance(p, list) else absolute(p)
+
+    data = dataclasses.replace(cfg.data, train_path=fix(cfg.data.train_path),
+                               val_path=fix(cfg.data.val_path))
+    train = dataclasses.replace(cfg.train, storage_path=fix(cfg.train.storage_path))
+    return dataclasses.replace(cfg, data=data, train=train)
+
+
+def _connect_ray(cfg: TrainJobConfig) -> bool:
+    """Use a running Ray (tests, jobs), connect to `address`, or start a local one. True if started."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise PipelineError(f"cannot connect to the Ray cluster at {address} ({exc}): start it "
+                                "or fix scaling.address / RAY_ADDRESS") from None
+        return True
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    # Ray Data's read and split tasks need CPUs beside the training workers, or the data stage
+    # waits forever; logical CPUs above the physical count are fine for those light tasks.
+    num_cpus = cfg.scaling.local_num_cpus or max(os.cpu_count() or 1, need + 2)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             logging_level=logging.ERROR, log_to_driver=False)
+    return True
+
+
+def _check_resources(cfg: TrainJobConfig) -> None:
+    """Fail fast when the cluster can never place the workers, instead of waiting forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    problems = []
+    if total.get("CPU", 0) < need_cpu:
+        problems.append(f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs need "
+                        f"{need_cpu} CPUs, the Ray cluster has {total.get('CPU', 0):g}")
+    if cfg.scaling.use_gpu and total.get("GPU", 0) < cfg.scaling.num_workers:
+        problems.append(f"{cfg.scaling.num_workers} GPU workers need {cfg.scaling.num_workers} GPUs, "
+                        f"the Ray cluster has {total.get('GPU', 0):g}")
+    if problems:
+        raise PipelineError("; ".join(problems) + ": lower scaling.num_workers / "
+                            "scaling.cpus_per_worker or add nodes")
+
+
+def _explain_failure(exc: BaseException) -> str:
+    """Find our own user-facing error inside Ray's wrappers, else summarise the worker error."""
+    seen = set()
+    stack = [exc]
+    for failure in getattr(exc, "worker_failures", {}).values():
+        stack.append(failure)
+    first_line = None
+    while stack:
+        e = stack.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return str(e)
+        if first_line is None and e is not exc:
+            first_line = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += list(getattr(e, "worker_failures", {}).values())
+    return f"training failed on a worker ({first_line or exc}); see the Ray worker logs"
+
+
+def _print_progress(queue, epochs: int, console: Callable[[str], None], stop: threading.Event,
+                    started: float) -> None:
+    while not stop.is_set():
+        try:
+            m = queue.get(timeout=0.5)
+        except Exception:
+            continue
+        done = m["epoch"]
+        eta = (time.time() - started) / done * (epochs - done) if done else 0.0
+        console(f"epoch {done}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+                f"val_acc {m['val_accuracy']:.4f}  {m['sequences_per_second']:.0f} seq/s  "
+                f"{m['epoch_seconds']:.1f}s  ETA {eta:.0f}s")
+
+
+def _input_example(data: TrainData, cfg: TrainJobConfig):
+    """Two real validation (or training) sequences as the model's input example."""
+    import pandas as pd
+
+    from pipeline.data import _open
+
+    files = data.val_files or data.train_files
+    batch = next(_open(files[0]).iter_batches(batch_size=2, columns=[cfg.data.features_column]))
+    return pd.DataFrame({cfg.data.features_column: batch.column(0).to_pylist()})
+
+
+def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
+                 command: str | None = None,
+                 console: Callable[[str], None] = print) -> TrainResult:
+    """Validate, train on Ray, track in MLflow. Raises PipelineError for anything the user can fix."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    cfg = _absolute_paths(cfg)
+    data = validate_train_data(cfg.data)
+    console(f"data: {data.train_rows} training rows in {len(data.train_files)} files, "
+            f"{'%d validation rows' % data.val_rows if data.val_rows is not None else 'validation split %.0f%%' % (100 * cfg.data.val_fraction)}, "
+            f"{data.n_features} features, {data.num_classes} classes")
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_reachable(uri)
+    mlc = tracking.client(uri)
+    try:
+        exp_id = tracking.get_or_create_experiment(
+            mlc, cfg.tracking.experiment,
+            tracking.resolve_artifact_location(uri, cfg.tracking.artifact_location))
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise tracking.TrackingError(f"MLflow at {uri} failed: {exc}") from None
+
+    meta = {
+        "n_features": data.n_features,
+        "num_classes": data.num_classes,
+        "class_names": cfg.data.class_names,
+        "features_column": cfg.data.features_column,
+        "model": to_dict(cfg.model),
+        "normalization": None,
+    }
+    run_name = cfg.tracking.run_name or (
+        f"train-h{cfg.model.hidden_size}x{cfg.model.num_layers}-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    device = "cuda" if cfg.scaling.use_gpu else "cpu"
+    import mlflow
+
+    tags = {
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "mlflow_version": mlflow.__version__,
+        "num_workers": str(cfg.scaling.num_workers),
+        "device": device,
+        "train_path": ",".join(data.train_files[:20]),
+        "train_rows": str(data.train_rows),
+        "val_path": ",".join((data.val_files or ["(split from train)"])[:20]),
+        "val_rows": str(data.val_rows if data.val_rows is not None else "split"),
+    }
+    if command:
+        tags["mlflow.note.content"] = f"```\n{command}\n```"
+    run_id = tracking.start_run(mlc, exp_id, run_name, tags)
+    console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
+    status, error = "FAILED", None
+    stop = threading.Event()
+    started_ray = False
+    try:
+        tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
+            "data.n_features": data.n_features, "data.num_classes_resolved": data.num_classes})
+        mlc.log_text(run_id, config_text or dump_yaml(cfg), "config.yaml")
+        started_ray = _connect_ray(cfg)
+        _check_resources(cfg)
+
+        train_ds, val_ds = make_datasets(data, cfg.data)
+        progress = Queue(actor_options={"num_cpus": 0})
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg, "meta": meta, "run_id": run_id, "tracking_uri": uri,
+                               "progress": progress},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+                | ({"GPU": 1} if cfg.scaling.use_gpu else {}),
+                placement_strategy=cfg.scaling.placement_strategy,
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"{cfg.tracking.experiment}-{run_id[:12]}",
+                storage_path=cfg.train.storage_path,
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=cfg.train.checkpoints_to_keep,
+                    checkpoint_score_attribute="val_loss",
+                    checkpoint_score_order="min",
+                ),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            ),
+            datasets={"train": train_ds, "val": val_ds},
+        )
+        printer = threading.Thread(target=_print_progress, daemon=True,
+                                   args=(progress, cfg.train.epochs, console, stop, time.time()))
+        printer.start()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise TrainingError(_explain_failure(exc)) from None
+        finally:
+            time.sleep(0.6)  # let the last epoch line print
+            stop.set()
+            printer.join()
+        best_ckpt, best_metrics = min(result.best_checkpoints or [(result.checkpoint, result.metrics)],
+                                      key=lambda cm: cm[1]["val_loss"])
+        with best_ckpt.as_directory() as path:
+            state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu",
+                               weights_only=True)
+        for key in ("val_loss", "val_accuracy"):
+            mlc.log_metric(run_id, f"best_{key}", best_metrics[key])
+        mlc.set_tag(run_id, "checkpoint", best_ckpt.path)
+        model_uri = tracking.log_model(run_id, uri, state["model"], meta, _input_example(data, cfg))
+        version = None
+        if cfg.tracking.registered_model_name:
+            version = tracking.register_model(
+                mlc, model_uri, run_id, cfg.tracking.registered_model_name,
+                cfg.tracking.alias,
+                description=(f"LSTM classifier from run {run_id}: val_accuracy "
+                             f"{best_metrics['val_accuracy']:.4f}, val_loss {best_metrics['val_loss']:.4f} "
+                             f"(epoch {best_metrics['epoch']})"),
+                tags={"run_id": run_id, "checkpoint": best_ckpt.path},
+            )
+        status = "FINISHED"
+        return TrainResult(
+            run_id=run_id, experiment_id=exp_id, tracking_uri=uri, model_uri=model_uri,
+            registered_name=cfg.tracking.registered_model_name, version=version,
+            val_accuracy=float(best_metrics["val_accuracy"]), val_loss=float(best_metrics["val_loss"]),
+            checkpoint_path=best_ckpt.path,
+        )
+    except KeyboardInterrupt:
+        status, error = "KILLED", "interrupted by the user"
+        raise
+    except PipelineError as exc:
+        error = str(exc)
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        stop.set()
+        try:
+            tracking.end_run(mlc, run_id, status, error)
+        finally:
+            if started_ray:
+                ray.shutdown()
