@@ -312,6 +312,12 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             return None
         return [_convert(args[0], item, f"{label}[{i}]", problems) for i, item in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{label} must be a number, got {value!r}")
             return None

@@ -11,10 +11,12 @@ plain functions of a model and batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -284,6 +286,28 @@ def _print_progress(queue, epochs: int, console: Callable[[str], None], stop: th
                 f"{m['epoch_seconds']:.1f}s  ETA {eta:.0f}s")
 
 
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C and SIGTERM during `fit()` abort the workers and surface as KeyboardInterrupt.
+
+    Ray Train's own SIGINT handler aborts the controller (stopping the workers) and then calls
+    sys.exit(0); we turn that into KeyboardInterrupt so the run is marked KILLED, route SIGTERM
+    (a scheduler's stop) through the same path, and restore the handlers afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _input_example(data: TrainData, cfg: TrainJobConfig):
     """Two real validation (or training) sequences as the model's input example."""
     import pandas as pd
@@ -388,7 +412,8 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
                                    args=(progress, cfg.train.epochs, console, stop, time.time()))
         printer.start()
         try:
-            result = trainer.fit()
+            with _interruptible():
+                result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise TrainingError(_explain_failure(exc)) from None
         finally:
