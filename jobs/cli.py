@@ -3,6 +3,7 @@
     lstm-pipeline data synth --out data/synth
     lstm-pipeline data check data/synth/train
     lstm-pipeline train -c conf/train.yaml scaling.num_workers=2
+    lstm-pipeline predict --model models:/lstm-classifier@current --input data/synth/val --output predictions/val
     lstm-pipeline ui
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import click
 
 from jobs.data import data
+from jobs.predict import predict
 from jobs.train import train
 from jobs.ui import ui
 
@@ -23,6 +25,7 @@ def main() -> None:
 
 main.add_command(data)
 main.add_command(train)
+main.add_command(predict)
 main.add_command(ui)
 
 if __name__ == "__main__":

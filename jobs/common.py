@@ -34,9 +34,10 @@ def user_errors(fn):
     return wrapper
 
 
-def quiet_libraries() -> None:
-    """Keep the console to our own lines: no Ray Data progress walls or MLflow chatter."""
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+def quiet_libraries(progress_bars: bool = False) -> None:
+    """Keep the console to our own lines: no MLflow chatter, Ray Data progress bars on request."""
+    if not progress_bars:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")

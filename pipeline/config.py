@@ -184,12 +184,16 @@ class TrainJobConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] = ()):
-    """Build `cls` from a YAML file (optional) and `key=value` overrides, validating types."""
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] = (),
+                values: dict[str, Any] | None = None):
+    """Build `cls` from a YAML file (optional), then `values` (dotted key -> value, e.g. from CLI
+    options), then `key=value` overrides; validating every key and type."""
     raw: dict[str, Any] = {}
     problems: list[str] = []
     if path is not None:
         raw = _read_yaml(Path(path))
+    for key, value in (values or {}).items():
+        _set_dotted(raw, key.split("."), value)
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -280,8 +284,11 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             )
         kwargs = {}
         before = len(problems)
-        for name in names & set(value):
-            kwargs[name] = _convert(hints[name], value[name], f"{key}.{name}" if key else name, problems)
+        for f in dataclasses.fields(tp):  # declaration order: stable, readable messages
+            if f.init and f.name in value:
+                name = f.name
+                kwargs[name] = _convert(hints[name], value[name], f"{key}.{name}" if key else name,
+                                        problems)
         if len(problems) > before:
             return None
         try:
@@ -342,3 +349,77 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{label} must be null, got {value!r}")
         return None
     raise TypeError(f"unsupported config type {tp!r} at {label}")
+
+
+# --------------------------------------------------------------------------- batch prediction
+
+
+@dataclass
+class PredictConfig:
+    model: str | None = None
+    """Model to use: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a local model
+    directory, or a bare registered NAME (its newest version)."""
+    input_path: PathList | None = None
+    """Shards to predict on (directory, glob, file or list; local or URI). `label` is optional."""
+    output_path: str | None = None
+    """Directory to create with the prediction shards (written whole or not at all)."""
+    overwrite: bool = False
+    """Replace an existing output directory."""
+    passthrough_columns: list[str] | None = None
+    """Input columns copied to the output; null = the id column when present (and the label)."""
+    batch_size: int = 1024
+    """Sequences per model call."""
+    num_actors: int = 1
+    """Model replicas (Ray actors), each loading the model once."""
+    cpus_per_actor: int = 1
+    """CPUs per actor; also its torch thread count."""
+    use_gpu: bool = False
+    """One GPU per actor."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append("predict.batch_size must be >= 1")
+        if self.num_actors < 1:
+            problems.append("predict.num_actors must be >= 1")
+        if self.cpus_per_actor < 1:
+            problems.append("predict.cpus_per_actor must be >= 1")
+        collect(problems, ConfigError)
+
+
+@dataclass
+class PredictDataConfig:
+    features_column: str | None = None
+    """Sequence column; null = the column the model was trained on."""
+    label_column: str = "label"
+    """Labels, when present, give accuracy, per-class precision/recall and a confusion matrix."""
+    id_column: str = "id"
+    """Passed through to the output when present."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    """Ray cluster address; null uses RAY_ADDRESS, else starts a local Ray."""
+    local_num_cpus: int | None = None
+    """Logical CPUs for a local Ray; null = enough for the actors plus the read tasks."""
+
+
+@dataclass
+class PredictTrackingConfig:
+    tracking_uri: str | None = None
+    """MLflow tracking URI; null uses MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""
+    experiment: str = "lstm-pipeline-predict"
+    """MLflow experiment for prediction runs."""
+    run_name: str | None = None
+    """Run name; null lets the pipeline name it."""
+    artifact_location: str | None = None
+    """Artifact root for a new experiment; null = ./mlartifacts for a local store."""
+
+
+@dataclass
+class PredictJobConfig:
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    data: PredictDataConfig = field(default_factory=PredictDataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: PredictTrackingConfig = field(default_factory=PredictTrackingConfig)

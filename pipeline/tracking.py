@@ -7,6 +7,7 @@ into that run id, through `MlflowClient` (no global active-run state crosses pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.errors import TrackingError
+from pipeline.errors import PipelineError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MODEL_CODE = str(Path(__file__).with_name("model.py"))
@@ -92,6 +93,38 @@ def get_or_create_experiment(mlc, name: str, artifact_location: str | None) -> s
                                 "choose another tracking.experiment")
         return exp.experiment_id
     return mlc.create_experiment(name, artifact_location=artifact_location)
+
+
+def open_experiment(configured_uri: str | None, experiment: str,
+                    artifact_location: str | None) -> tuple[str, Any, str]:
+    """(absolute tracking URI, client, experiment id), failing fast with one clear line."""
+    uri = resolve_tracking_uri(configured_uri)
+    check_reachable(uri)
+    mlc = client(uri)
+    try:
+        exp_id = get_or_create_experiment(mlc, experiment,
+                                          resolve_artifact_location(uri, artifact_location))
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise TrackingError(f"MLflow at {uri} failed: {exc}") from None
+    return uri, mlc, exp_id
+
+
+@contextlib.contextmanager
+def tracked_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str]):
+    """Yield a new run's id; end it FINISHED, FAILED (error tag) or KILLED (Ctrl-C), never RUNNING."""
+    run_id = start_run(mlc, experiment_id, run_name, tags)
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        end_run(mlc, run_id, "KILLED", "interrupted by the user")
+        raise
+    except BaseException as exc:
+        end_run(mlc, run_id, "FAILED",
+                str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}")
+        raise
+    end_run(mlc, run_id, "FINISHED")
 
 
 def start_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:

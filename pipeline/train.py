@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from pipeline import tracking
 from pipeline.config import TrainJobConfig, dump_yaml, flatten, to_dict
-from pipeline.data import SequenceCollate, TrainData, absolute, is_uri, make_datasets, validate_train_data
+from pipeline.data import SequenceCollate, TrainData, absolute, make_datasets, validate_train_data
+from pipeline.cluster import check_resources, ray_connection
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.model import build_model
 
@@ -111,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: TrainJobConfig = config["cfg"]
     meta: dict[str, Any] = config["meta"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker actually reserved.
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
@@ -208,47 +209,30 @@ def _absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
     return dataclasses.replace(cfg, data=data, train=train)
 
 
-def _connect_ray(cfg: TrainJobConfig) -> bool:
-    """Use a running Ray (tests, jobs), connect to `address`, or start a local one. True if started."""
-    import logging
+def check_shared_paths(cfg: TrainJobConfig, num_nodes: int) -> list[str]:
+    """One warning per local path when the job spans several nodes (`cfg.tracking.tracking_uri`
+    already resolved).
 
-    import ray
+    Ray Data reads and checkpoints run on other nodes, and a local MLflow store is invisible
+    there; a local path only works if every node mounts it at the same place (NFS), so this warns
+    instead of failing.
+    """
+    from pipeline.data import is_uri
 
-    if ray.is_initialized():
-        return False
-    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise PipelineError(f"cannot connect to the Ray cluster at {address} ({exc}): start it "
-                                "or fix scaling.address / RAY_ADDRESS") from None
-        return True
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    # Ray Data's read and split tasks need CPUs beside the training workers, or the data stage
-    # waits forever; logical CPUs above the physical count are fine for those light tasks.
-    num_cpus = cfg.scaling.local_num_cpus or max(os.cpu_count() or 1, need + 2)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             logging_level=logging.ERROR, log_to_driver=False)
-    return True
-
-
-def _check_resources(cfg: TrainJobConfig) -> None:
-    """Fail fast when the cluster can never place the workers, instead of waiting forever."""
-    import ray
-
-    total = ray.cluster_resources()
-    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    problems = []
-    if total.get("CPU", 0) < need_cpu:
-        problems.append(f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs need "
-                        f"{need_cpu} CPUs, the Ray cluster has {total.get('CPU', 0):g}")
-    if cfg.scaling.use_gpu and total.get("GPU", 0) < cfg.scaling.num_workers:
-        problems.append(f"{cfg.scaling.num_workers} GPU workers need {cfg.scaling.num_workers} GPUs, "
-                        f"the Ray cluster has {total.get('GPU', 0):g}")
-    if problems:
-        raise PipelineError("; ".join(problems) + ": lower scaling.num_workers / "
-                            "scaling.cpus_per_worker or add nodes")
+    if num_nodes <= 1:
+        return []
+    named = [("data.train_path", cfg.data.train_path), ("data.val_path", cfg.data.val_path),
+             ("train.storage_path", cfg.train.storage_path)]
+    local = [(name, p) for name, value in named if value is not None
+             for p in ([value] if isinstance(value, str) else value) if not is_uri(p)]
+    uri = cfg.tracking.tracking_uri or tracking.DEFAULT_TRACKING_URI
+    if tracking.is_local_store(uri):
+        local.append(("tracking.tracking_uri", uri))
+    if cfg.tracking.artifact_location and not is_uri(cfg.tracking.artifact_location):
+        local.append(("tracking.artifact_location", cfg.tracking.artifact_location))
+    return [f"{name}={path} is local to one machine but this Ray cluster has {num_nodes} nodes: use "
+            "a shared URI (s3://, gs://, an mlflow server's http://) or an NFS mount present on "
+            "every node" for name, path in local]
 
 
 def _explain_failure(exc: BaseException) -> str:
@@ -323,27 +307,16 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
                  command: str | None = None,
                  console: Callable[[str], None] = print) -> TrainResult:
     """Validate, train on Ray, track in MLflow. Raises PipelineError for anything the user can fix."""
+    import mlflow
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
     cfg = _absolute_paths(cfg)
     data = validate_train_data(cfg.data)
     console(f"data: {data.train_rows} training rows in {len(data.train_files)} files, "
             f"{'%d validation rows' % data.val_rows if data.val_rows is not None else 'validation split %.0f%%' % (100 * cfg.data.val_fraction)}, "
             f"{data.n_features} features, {data.num_classes} classes")
-    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    tracking.check_reachable(uri)
-    mlc = tracking.client(uri)
-    try:
-        exp_id = tracking.get_or_create_experiment(
-            mlc, cfg.tracking.experiment,
-            tracking.resolve_artifact_location(uri, cfg.tracking.artifact_location))
-    except PipelineError:
-        raise
-    except Exception as exc:
-        raise tracking.TrackingError(f"MLflow at {uri} failed: {exc}") from None
+    uri, mlc, exp_id = tracking.open_experiment(
+        cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
 
     meta = {
         "n_features": data.n_features,
@@ -356,8 +329,6 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     run_name = cfg.tracking.run_name or (
         f"train-h{cfg.model.hidden_size}x{cfg.model.num_layers}-{dt.datetime.now():%Y%m%d-%H%M%S}")
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
-    import mlflow
-
     tags = {
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
@@ -371,55 +342,21 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     }
     if command:
         tags["mlflow.note.content"] = f"```\n{command}\n```"
-    run_id = tracking.start_run(mlc, exp_id, run_name, tags)
-    console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
-    status, error = "FAILED", None
-    stop = threading.Event()
-    started_ray = False
-    try:
+    with tracking.tracked_run(mlc, exp_id, run_name, tags) as run_id:
+        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
         tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
             "data.n_features": data.n_features, "data.num_classes_resolved": data.num_classes})
         mlc.log_text(run_id, config_text or dump_yaml(cfg), "config.yaml")
-        started_ray = _connect_ray(cfg)
-        _check_resources(cfg)
-
-        train_ds, val_ds = make_datasets(data, cfg.data)
-        progress = Queue(actor_options={"num_cpus": 0})
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "meta": meta, "run_id": run_id, "tracking_uri": uri,
-                               "progress": progress},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers,
-                use_gpu=cfg.scaling.use_gpu,
-                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
-                | ({"GPU": 1} if cfg.scaling.use_gpu else {}),
-                placement_strategy=cfg.scaling.placement_strategy,
-            ),
-            run_config=ray.train.RunConfig(
-                name=f"{cfg.tracking.experiment}-{run_id[:12]}",
-                storage_path=cfg.train.storage_path,
-                checkpoint_config=ray.train.CheckpointConfig(
-                    num_to_keep=cfg.train.checkpoints_to_keep,
-                    checkpoint_score_attribute="val_loss",
-                    checkpoint_score_order="min",
-                ),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            ),
-            datasets={"train": train_ds, "val": val_ds},
-        )
-        printer = threading.Thread(target=_print_progress, daemon=True,
-                                   args=(progress, cfg.train.epochs, console, stop, time.time()))
-        printer.start()
-        try:
-            with _interruptible():
-                result = trainer.fit()
-        except ray.train.TrainingFailedError as exc:
-            raise TrainingError(_explain_failure(exc)) from None
-        finally:
-            time.sleep(0.6)  # let the last epoch line print
-            stop.set()
-            printer.join()
+        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        with ray_connection(cfg.scaling.address, need, cfg.scaling.local_num_cpus):
+            check_resources(
+                need, cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
+                f"{cfg.scaling.num_workers} workers",
+                "lower scaling.num_workers / scaling.cpus_per_worker or add nodes")
+            resolved = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
+            for warning in check_shared_paths(resolved, sum(n["Alive"] for n in ray.nodes())):
+                console(f"WARNING: {warning}")
+            result = _fit(cfg, data, meta, run_id, uri, console)
         best_ckpt, best_metrics = min(result.best_checkpoints or [(result.checkpoint, result.metrics)],
                                       key=lambda cm: cm[1]["val_loss"])
         with best_ckpt.as_directory() as path:
@@ -439,26 +376,57 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
                              f"(epoch {best_metrics['epoch']})"),
                 tags={"run_id": run_id, "checkpoint": best_ckpt.path},
             )
-        status = "FINISHED"
         return TrainResult(
             run_id=run_id, experiment_id=exp_id, tracking_uri=uri, model_uri=model_uri,
             registered_name=cfg.tracking.registered_model_name, version=version,
             val_accuracy=float(best_metrics["val_accuracy"]), val_loss=float(best_metrics["val_loss"]),
             checkpoint_path=best_ckpt.path,
         )
-    except KeyboardInterrupt:
-        status, error = "KILLED", "interrupted by the user"
-        raise
-    except PipelineError as exc:
-        error = str(exc)
-        raise
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise
+
+
+def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str, uri: str,
+         console: Callable[[str], None]):
+    """Run the TorchTrainer, printing one line per epoch; returns Ray Train's Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    stop = threading.Event()
+    train_ds, val_ds = make_datasets(data, cfg.data)
+    progress = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "meta": meta, "run_id": run_id, "tracking_uri": uri,
+                           "progress": progress},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            | ({"GPU": 1} if cfg.scaling.use_gpu else {}),
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.tracking.experiment}-{run_id[:12]}",
+            storage_path=cfg.train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+    )
+    printer = threading.Thread(target=_print_progress, daemon=True,
+                               args=(progress, cfg.train.epochs, console, stop, time.time()))
+    printer.start()
+    try:
+        with _interruptible():
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(_explain_failure(exc)) from None
     finally:
+        time.sleep(0.6)  # let the last epoch line print
         stop.set()
-        try:
-            tracking.end_run(mlc, run_id, status, error)
-        finally:
-            if started_ray:
-                ray.shutdown()
+        printer.join()
+    return result

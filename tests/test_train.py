@@ -1,6 +1,5 @@
 """Real Ray Train DDP runs on the small synthetic task, tracked in a real SQLite MLflow store."""
 
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ def test_two_workers_learn_the_task(trained):
 
 
 def test_run_holds_params_metrics_config_and_model(trained):
-    res, cfg = trained["result"], trained["cfg"]
+    res = trained["result"]
     mlc = tracking.client(res.tracking_uri)
     run = mlc.get_run(res.run_id)
     assert run.info.status == "FINISHED"

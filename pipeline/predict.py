@@ -1,0 +1,397 @@
+"""Batch prediction: a registered model over Parquet shards with Ray Data, Parquet out.
+
+    cfg = load_config(PredictJobConfig, "conf/predict.yaml",
+                      ["predict.model=models:/lstm-classifier@current",
+                       "predict.input_path=data/synth/val", "predict.output_path=predictions/val"])
+    result = run_prediction(cfg)
+
+`read_parquet` -> `map_batches(Predictor)` on an actor pool (the model loaded once per actor)
+-> `write_parquet` into a temporary directory beside the target, renamed into place at the end:
+the output appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import tracking
+from pipeline.cluster import check_resources, ray_connection
+from pipeline.config import DataConfig, PredictJobConfig, flatten, to_dict
+from pipeline.data import absolute, inspect_files, is_uri, list_shards
+from pipeline.errors import DataError, PipelineError, collect
+
+OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
+
+
+@dataclass
+class ResolvedModel:
+    uri: str
+    """A pinned URI the actors load (models:/NAME/VERSION, runs:/..., or a local directory)."""
+    name: str | None
+    version: str | None
+    run_id: str | None
+    meta: dict[str, Any]
+
+
+@dataclass
+class PredictResult:
+    run_id: str
+    output_path: str
+    rows: int
+    seconds: float
+    rows_per_second: float
+    accuracy: float | None
+    model: ResolvedModel
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def resolve_model(spec: str, mlc, tracking_uri: str) -> ResolvedModel:
+    """Resolve a model reference to a pinned URI plus its metadata, or fail naming what exists."""
+    from mlflow.exceptions import MlflowException
+
+    name = version = run_id = None
+    if os.path.isdir(spec):
+        uri = os.path.abspath(spec)
+    elif spec.startswith("models:/"):
+        rest = spec[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            try:
+                mv = mlc.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                raise PipelineError(f"model {spec} not found: {_what_exists(mlc, name)}") from None
+            version = str(mv.version)
+        elif "/" in rest:
+            name, version = rest.split("/", 1)
+            if version.lower() == "latest":
+                version = _latest_version(mlc, name, spec)
+            try:
+                mv = mlc.get_model_version(name, version)
+            except MlflowException:
+                raise PipelineError(f"model {spec} not found: {_what_exists(mlc, name)}") from None
+        else:  # models:/m-<id>, a logged model
+            try:
+                logged = mlc.get_logged_model(rest)
+            except MlflowException:
+                raise PipelineError(f"model {spec} not found: no logged model with id {rest}") from None
+            uri, run_id = spec, logged.source_run_id
+            mv = None
+        if mv is not None:
+            uri, run_id = f"models:/{name}/{version}", mv.run_id
+    elif spec.startswith("runs:/"):
+        uri = spec
+        run_id = spec[len("runs:/"):].split("/", 1)[0]
+    elif "://" in spec or spec.startswith(("/", ".")):
+        raise PipelineError(f"model {spec} not found: give models:/NAME@ALIAS, models:/NAME/VERSION, "
+                            "runs:/RUN_ID/model, a registered model name or an existing directory")
+    else:
+        name = spec
+        version = _latest_version(mlc, name, spec)
+        uri, run_id = f"models:/{name}/{version}", mlc.get_model_version(name, version).run_id
+    return ResolvedModel(uri=uri, name=name, version=version, run_id=run_id,
+                         meta=_load_meta(uri, spec, tracking_uri))
+
+
+def _latest_version(mlc, name: str, spec: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlc.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        versions = []
+    if not versions:
+        raise PipelineError(f"model {spec} not found: {_what_exists(mlc, name)}")
+    return str(max(int(v.version) for v in versions))
+
+
+def _what_exists(mlc, name: str) -> str:
+    """A hint naming what the registry does hold."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = mlc.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in mlc.search_registered_models(max_results=20))
+        return (f"no registered model {name!r}; registered models: {', '.join(names)}" if names
+                else f"no registered model {name!r} and the model registry is empty: "
+                     "train one first (`lstm-pipeline train`) or check the tracking URI")
+    aliases = sorted(rm.aliases) if rm.aliases else []
+    versions = sorted(int(v.version) for v in mlc.search_model_versions(f"name='{name}'"))
+    return (f"{name!r} has versions {', '.join(map(str, versions)) or 'none'}"
+            f"{' and aliases ' + ', '.join('@' + a for a in aliases) if aliases else ' and no aliases'}")
+
+
+def _load_meta(uri: str, spec: str, tracking_uri: str) -> dict[str, Any]:
+    """The model's metadata artifact (n_features, classes, columns), downloaded on its own."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = uri
+        if not os.path.isdir(uri):
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
+                                                            tracking_uri=tracking_uri)
+            except (MlflowException, OSError) as exc:
+                raise PipelineError(f"model {spec} cannot be downloaded "
+                                    f"({str(exc).splitlines()[0]}): check the URI and the "
+                                    "tracking server") from None
+        found = [os.path.join(root, f) for root, _, files in os.walk(local) for f in files
+                 if f == "meta.json"]
+        if not found:
+            raise PipelineError(f"model {spec} is not an lstm-pipeline model (no meta.json "
+                                "artifact): use a model logged by `lstm-pipeline train`")
+        with open(found[0]) as fh:
+            return json.load(fh)
+
+
+# --------------------------------------------------------------------------- the actor
+
+
+class Predictor:
+    """Ray Data actor: loads the model once, maps Arrow batches to prediction columns."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, features_column: str,
+                 keep_columns: list[str], threads: int):
+        import mlflow.pyfunc
+        import torch
+
+        torch.set_num_threads(threads)
+        mlflow.set_tracking_uri(tracking_uri)
+        self.model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        self.features_column = features_column
+        self.keep_columns = keep_columns
+        self.class_names = self.model.meta.get("class_names")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.model import pad_arrow
+
+        try:
+            x, lengths, _ = pad_arrow(batch.column(self.features_column))
+        except ValueError as exc:
+            raise DataError(f"bad input rows: {exc}: run `lstm-pipeline data check --no-label PATH` "
+                            "to find the file and row") from None
+        probs = self.model.predict_padded(x, lengths).astype(np.float32)
+        pred = probs.argmax(axis=1).astype(np.int64)
+        n, c = probs.shape
+        columns = {name: batch.column(name) for name in self.keep_columns}
+        columns["prediction"] = pa.array(pred)
+        columns["probabilities"] = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, (n + 1) * c, c, dtype=np.int32)), pa.array(probs.reshape(-1)))
+        if self.class_names:
+            columns["label_name"] = pa.array(np.asarray(self.class_names, dtype=object)[pred])
+        return pa.table(columns)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def _exists(path: str) -> bool:
+    fs, inner = _fs(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def _confusion(output: str, label_column: str, num_classes: int) -> np.ndarray:
+    """Confusion matrix [true, predicted] streamed from the written output's two int columns."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    fs, inner = _fs(output)
+    dataset = pq.ParquetDataset(inner, filesystem=fs)
+    for frag in dataset.fragments:
+        for batch in frag.to_batches(columns=[label_column, "prediction"]):
+            y = batch.column(0).to_numpy(zero_copy_only=False)
+            p = batch.column(1).to_numpy(zero_copy_only=False)
+            ok = (y >= 0) & (y < num_classes)
+            np.add.at(matrix, (y[ok].astype(np.int64), p[ok]), 1)
+    return matrix
+
+
+def _log_confusion(mlc, run_id: str, matrix: np.ndarray, names: list[str] | None) -> dict[str, float]:
+    """Accuracy, per-class precision/recall, and the confusion matrix as a PNG artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = matrix.sum()
+    metrics = {"accuracy": float(np.trace(matrix) / total) if total else 0.0}
+    for k in range(len(matrix)):
+        predicted, actual = matrix[:, k].sum(), matrix[k, :].sum()
+        metrics[f"precision_class_{k}"] = float(matrix[k, k] / predicted) if predicted else 0.0
+        metrics[f"recall_class_{k}"] = float(matrix[k, k] / actual) if actual else 0.0
+    labels = names or [str(k) for k in range(len(matrix))]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center",
+                color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {metrics['accuracy']:.4f}")
+    fig.tight_layout()
+    mlc.log_figure(run_id, fig, "confusion_matrix.png")
+    plt.close(fig)
+    mlc.log_dict(run_id, {"labels": labels, "matrix": matrix.tolist()}, "confusion_matrix.json")
+    return metrics
+
+
+def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
+                   console: Callable[[str], None] = print) -> PredictResult:
+    """Validate, predict with Ray Data, write Parquet atomically, track in MLflow."""
+    import ray
+    import ray.data
+
+    p = cfg.predict
+    problems = [f"predict.{key} is required (--{flag})" for key, flag in
+                (("model", "model"), ("input_path", "input"), ("output_path", "output"))
+                if getattr(p, key) in (None, "", [])]
+    collect(problems, PipelineError)
+    output = absolute(p.output_path)
+    inputs = [absolute(x) for x in ([p.input_path] if isinstance(p.input_path, str) else p.input_path)]
+    if _exists(output) and not p.overwrite:
+        raise PipelineError(f"output {p.output_path} already exists: pass --overwrite to replace it "
+                            "or choose another --output")
+
+    uri, mlc, exp_id = tracking.open_experiment(
+        cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    model = resolve_model(p.model, mlc, uri)
+    features_column = cfg.data.features_column or model.meta.get("features_column", "features")
+    files = list_shards(inputs, "--input")
+    info = inspect_files(files, DataConfig(features_column=features_column, id_column=cfg.data.id_column,
+                                           label_column=cfg.data.label_column),
+                         "--input", need_label=False)
+    collect(info.problems, DataError, "the input")
+    if info.n_features != model.meta["n_features"]:
+        raise DataError(f"the input has {info.n_features} features per step, the model "
+                        f"{p.model} was trained on {model.meta['n_features']}: use matching data "
+                        "or another model")
+    schema = pq.read_schema(files[0]) if not is_uri(files[0]) else None
+    names = set(schema.names) if schema is not None else set()
+    has_label = cfg.data.label_column in names and pa.types.is_integer(
+        schema.field(cfg.data.label_column).type)
+    keep = p.passthrough_columns
+    if keep is None:
+        keep = [c for c in (cfg.data.id_column, cfg.data.label_column if has_label else None)
+                if c and c in names]
+    missing = [c for c in keep if schema is not None and c not in names]
+    if missing or any(c in OUTPUT_COLUMNS for c in keep):
+        raise PipelineError(f"predict.passthrough_columns: {', '.join(missing or keep)} "
+                            f"{'not in the input' if missing else 'clashes with an output column'}"
+                            f" (input columns: {', '.join(sorted(names))})")
+
+    run_name = cfg.tracking.run_name or f"predict-{model.name or 'model'}-v{model.version or 'x'}-" \
+                                        f"{dt.datetime.now():%Y%m%d-%H%M%S}"
+    tags = {"model_uri": model.uri, "model_name": str(model.name), "model_version": str(model.version),
+            "model_run_id": str(model.run_id), "input_path": ",".join(files[:20]),
+            "output_path": output}
+    if command:
+        tags["mlflow.note.content"] = f"```\n{command}\n```"
+    with tracking.tracked_run(mlc, exp_id, run_name, tags) as run_id:
+        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
+        console(f"model: {model.uri} (run {model.run_id}); input: {info.rows} rows in {len(files)} files")
+        tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
+            "model.resolved_uri": model.uri, "model.name": model.name, "model.version": model.version,
+            "model.run_id": model.run_id, "input.rows": info.rows})
+        need = p.num_actors * p.cpus_per_actor
+        with ray_connection(cfg.cluster.address, need, cfg.cluster.local_num_cpus):
+            # Leave at least one CPU for the read tasks: a pool holding every CPU starves them.
+            check_resources(need + 1, p.num_actors if p.use_gpu else 0,
+                            f"{p.num_actors} actors x {p.cpus_per_actor} CPUs plus the reads",
+                            "lower predict.num_actors / predict.cpus_per_actor or add nodes")
+            start = time.perf_counter()
+            ds = ray.data.read_parquet(files, columns=sorted({features_column, *keep}),
+                                       file_extensions=None)
+            ds = ds.map_batches(
+                Predictor,
+                fn_constructor_kwargs=dict(model_uri=model.uri, tracking_uri=uri,
+                                           features_column=features_column, keep_columns=keep,
+                                           threads=p.cpus_per_actor),
+                batch_size=p.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=p.num_actors),
+                num_cpus=p.cpus_per_actor, num_gpus=1 if p.use_gpu else None,
+                udf_modifying_row_count=False,
+            )
+            staging = _staging_path(output)
+            try:
+                ds.write_parquet(staging)
+                rows = _count_rows(staging)
+                if rows != info.rows:
+                    raise PipelineError(f"wrote {rows} rows for {info.rows} input rows: nothing "
+                                        "was published; rerun the job")
+                _publish(staging, output, p.overwrite)
+            except BaseException:
+                _remove(staging)
+                raise
+            seconds = time.perf_counter() - start
+        metrics = {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
+        accuracy = None
+        if has_label and cfg.data.label_column in keep:
+            metrics |= _log_confusion(mlc, run_id, _confusion(output, cfg.data.label_column,
+                                                              model.meta["num_classes"]),
+                                      model.meta.get("class_names"))
+            accuracy = metrics["accuracy"]
+        mlc.log_batch(run_id, metrics=_metric_list(metrics))
+        console(f"predicted {rows} rows in {seconds:.1f}s ({rows / seconds:.0f} rows/s)"
+                f"{f', accuracy {accuracy:.4f}' if accuracy is not None else ''} -> {output}")
+        return PredictResult(run_id=run_id, output_path=output, rows=rows, seconds=seconds,
+                             rows_per_second=rows / seconds, accuracy=accuracy, model=model)
+
+
+def _metric_list(metrics: dict[str, float]):
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+
+
+def _staging_path(output: str) -> str:
+    parent, name = os.path.split(output.rstrip("/"))
+    return f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _count_rows(path: str) -> int:
+    fs, inner = _fs(path)
+    return sum(f.metadata.num_rows for f in pq.ParquetDataset(inner, filesystem=fs).fragments)
+
+
+def _publish(staging: str, output: str, overwrite: bool) -> None:
+    """Move the finished staging directory into place (a rename on local disks)."""
+    fs, out_inner = _fs(output)
+    _, staging_inner = _fs(staging)
+    if overwrite and _exists(output):
+        trash = _staging_path(output) + ".old"
+        fs.move(out_inner, _fs(trash)[1])
+        fs.move(staging_inner, out_inner)
+        _remove(trash)
+    else:
+        fs.move(staging_inner, out_inner)
+
+
+def _remove(path: str) -> None:
+    fs, inner = _fs(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        shutil.rmtree(inner, ignore_errors=True)
+    elif fs.get_file_info(inner).type != pafs.FileType.NotFound:
+        fs.delete_dir(inner)
