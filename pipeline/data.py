@@ -140,7 +140,7 @@ def _add_counts(counts: dict[int, int], values: np.ndarray) -> None:
         counts[k] = counts.get(k, 0) + c
 
 
-def _open(path: str) -> pq.ParquetFile:
+def open_parquet(path: str) -> pq.ParquetFile:
     if is_uri(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return pq.ParquetFile(fs.open_input_file(inner))
@@ -222,7 +222,7 @@ def inspect_files(files: list[str], cfg: DataConfig, what: str, need_label: bool
     widths: dict[int, str] = {}
     for path in files:
         try:
-            pf = _open(path)
+            pf = open_parquet(path)
         except (pa.ArrowInvalid, OSError) as exc:
             reason = "truncated or corrupt" if "magic" in str(exc).lower() or "size" in str(exc).lower() else str(exc)
             info.problems.append(f"{path}: not a readable Parquet file ({reason}): "

@@ -14,10 +14,10 @@ What the seed tutorial got wrong and this fixes:
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -142,43 +142,59 @@ def _features_to_arrow(column: pd.Series) -> pa.Array:
     return pa.array(rows, type=pa.list_(pa.list_(pa.float32())))
 
 
-class LSTMPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: DataFrame with a `features` column -> prediction, probabilities[, label_name]."""
+@torch.inference_mode()
+def predict_proba(module: nn.Module, x: np.ndarray, lengths: np.ndarray,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """Class probabilities [B, C] (float32) for a padded float32 batch."""
+    logits = module(torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(lengths))
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
-    def load_context(self, context) -> None:
-        with open(context.artifacts["meta"]) as fh:
-            self.meta = json.load(fh)
-        self.module = build_model(self.meta)
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        self.module.load_state_dict(state)
-        self.module.eval()
 
-    @torch.inference_mode()
-    def predict_padded(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Class probabilities [B, C] for a padded float32 batch; the fast path for batch jobs."""
-        logits = self.module(torch.from_numpy(x), torch.from_numpy(lengths))
-        return torch.softmax(logits.float(), dim=1).numpy()
+@functools.cache
+def pyfunc_class() -> type:
+    """The MLflow pyfunc wrapper class, built on first use so that importing this module (as
+    training workers and predict actors do) does not pay for importing MLflow."""
+    import mlflow.pyfunc
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        column = self.meta.get("features_column", "features")
-        if column not in model_input.columns:
-            raise ValueError(f"input has no {column!r} column (columns: {list(model_input.columns)})")
-        x, lengths, n_features = pad_arrow(_features_to_arrow(model_input[column]))
-        if len(lengths) and n_features != self.meta["n_features"]:
-            raise ValueError(
-                f"input has {n_features} features per step, the model was trained on "
-                f"{self.meta['n_features']}"
-            )
-        probs = self.predict_padded(x, lengths)
-        pred = probs.argmax(axis=1).astype(np.int64)
-        out = pd.DataFrame({"prediction": pred, "probabilities": list(probs.astype(np.float32))})
-        names = self.meta.get("class_names")
-        if names:
-            out["label_name"] = [names[i] for i in pred]
-        return out
+    class LSTMPyfunc(mlflow.pyfunc.PythonModel):
+        """DataFrame with a `features` column -> prediction, probabilities[, label_name]."""
+
+        def load_context(self, context) -> None:
+            with open(context.artifacts["meta"]) as fh:
+                self.meta = json.load(fh)
+            self.module = build_model(self.meta)
+            state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+            self.module.load_state_dict(state)
+            self.module.eval()
+
+        def predict_padded(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+            """Class probabilities for a padded batch; the fast path for batch jobs."""
+            return predict_proba(self.module, x, lengths)
+
+        def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+            column = self.meta.get("features_column", "features")
+            if column not in model_input.columns:
+                raise ValueError(f"input has no {column!r} column (columns: {list(model_input.columns)})")
+            x, lengths, n_features = pad_arrow(_features_to_arrow(model_input[column]))
+            if len(lengths) and n_features != self.meta["n_features"]:
+                raise ValueError(
+                    f"input has {n_features} features per step, the model was trained on "
+                    f"{self.meta['n_features']}"
+                )
+            probs = self.predict_padded(x, lengths)
+            pred = probs.argmax(axis=1).astype(np.int64)
+            out = pd.DataFrame({"prediction": pred, "probabilities": list(probs.astype(np.float32))})
+            names = self.meta.get("class_names")
+            if names:
+                out["label_name"] = [names[i] for i in pred]
+            return out
+
+    return LSTMPyfunc
 
 
 # MLflow loads a logged model by executing this file as a fresh module ("model from code"); the
 # model object it serves is the one registered here. Importing `pipeline.model` registers nothing.
 if __name__ != "pipeline.model":
-    mlflow.models.set_model(LSTMPyfunc())
+    import mlflow.models
+
+    mlflow.models.set_model(pyfunc_class()())

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline import tracking
 from pipeline.cluster import check_resources, ray_connection
 from pipeline.config import DataConfig, PredictJobConfig, flatten, to_dict
-from pipeline.data import absolute, inspect_files, is_uri, list_shards
+from pipeline.data import absolute, inspect_files, is_uri, list_shards, open_parquet
 from pipeline.errors import DataError, PipelineError, collect
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
@@ -44,6 +44,8 @@ class ResolvedModel:
     version: str | None
     run_id: str | None
     meta: dict[str, Any]
+    state_dict: dict[str, Any]
+    """The weights, loaded once on the driver and shipped to the actors through the object store."""
 
 
 @dataclass
@@ -103,8 +105,9 @@ def resolve_model(spec: str, mlc, tracking_uri: str) -> ResolvedModel:
         name = spec
         version = _latest_version(mlc, name, spec)
         uri, run_id = f"models:/{name}/{version}", mlc.get_model_version(name, version).run_id
-    return ResolvedModel(uri=uri, name=name, version=version, run_id=run_id,
-                         meta=_load_meta(uri, spec, tracking_uri))
+    meta, state_dict = _load_model_files(uri, spec, tracking_uri)
+    return ResolvedModel(uri=uri, name=name, version=version, run_id=run_id, meta=meta,
+                         state_dict=state_dict)
 
 
 def _latest_version(mlc, name: str, spec: str) -> str:
@@ -136,9 +139,10 @@ def _what_exists(mlc, name: str) -> str:
             f"{' and aliases ' + ', '.join('@' + a for a in aliases) if aliases else ' and no aliases'}")
 
 
-def _load_meta(uri: str, spec: str, tracking_uri: str) -> dict[str, Any]:
-    """The model's metadata artifact (n_features, classes, columns), downloaded on its own."""
+def _load_model_files(uri: str, spec: str, tracking_uri: str) -> tuple[dict[str, Any], dict]:
+    """Download the model once; return its metadata and weights (loaded `weights_only`)."""
     import mlflow.artifacts
+    import torch
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,42 +155,51 @@ def _load_meta(uri: str, spec: str, tracking_uri: str) -> dict[str, Any]:
                 raise PipelineError(f"model {spec} cannot be downloaded "
                                     f"({str(exc).splitlines()[0]}): check the URI and the "
                                     "tracking server") from None
-        found = [os.path.join(root, f) for root, _, files in os.walk(local) for f in files
-                 if f == "meta.json"]
-        if not found:
-            raise PipelineError(f"model {spec} is not an lstm-pipeline model (no meta.json "
-                                "artifact): use a model logged by `lstm-pipeline train`")
-        with open(found[0]) as fh:
-            return json.load(fh)
+        found = {f: os.path.join(root, f) for root, _, files in os.walk(local) for f in files
+                 if f in ("meta.json", "weights.pt")}
+        if len(found) < 2:
+            raise PipelineError(f"model {spec} is not an lstm-pipeline model (no meta.json and "
+                                "weights.pt artifacts): use a model logged by `lstm-pipeline train`")
+        with open(found["meta.json"]) as fh:
+            meta = json.load(fh)
+        state = torch.load(found["weights.pt"], map_location="cpu", weights_only=True)
+    return meta, state
 
 
 # --------------------------------------------------------------------------- the actor
 
 
 class Predictor:
-    """Ray Data actor: loads the model once, maps Arrow batches to prediction columns."""
+    """Ray Data actor: builds the model once from its weights, maps Arrow batches to predictions.
 
-    def __init__(self, model_uri: str, tracking_uri: str, features_column: str,
-                 keep_columns: list[str], threads: int):
-        import mlflow.pyfunc
+    It needs torch and this package only, not MLflow: the driver resolved and downloaded the
+    registered model once, so N actors do not each hit the registry (and start faster).
+    """
+
+    def __init__(self, meta: dict[str, Any], state_dict: dict, features_column: str,
+                 keep_columns: list[str], threads: int, use_gpu: bool):
         import torch
 
+        from pipeline.model import build_model
+
         torch.set_num_threads(threads)
-        mlflow.set_tracking_uri(tracking_uri)
-        self.model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        self.device = "cuda" if use_gpu else "cpu"
+        self.module = build_model(meta)
+        self.module.load_state_dict(state_dict)
+        self.module.eval().to(self.device)
         self.features_column = features_column
         self.keep_columns = keep_columns
-        self.class_names = self.model.meta.get("class_names")
+        self.class_names = meta.get("class_names")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.model import pad_arrow
+        from pipeline.model import pad_arrow, predict_proba
 
         try:
             x, lengths, _ = pad_arrow(batch.column(self.features_column))
         except ValueError as exc:
             raise DataError(f"bad input rows: {exc}: run `lstm-pipeline data check --no-label PATH` "
                             "to find the file and row") from None
-        probs = self.model.predict_padded(x, lengths).astype(np.float32)
+        probs = predict_proba(self.module, x, lengths, self.device)
         pred = probs.argmax(axis=1).astype(np.int64)
         n, c = probs.shape
         columns = {name: batch.column(name) for name in self.keep_columns}
@@ -287,15 +300,15 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
         raise DataError(f"the input has {info.n_features} features per step, the model "
                         f"{p.model} was trained on {model.meta['n_features']}: use matching data "
                         "or another model")
-    schema = pq.read_schema(files[0]) if not is_uri(files[0]) else None
-    names = set(schema.names) if schema is not None else set()
+    schema = open_parquet(files[0]).schema_arrow
+    names = set(schema.names)
     has_label = cfg.data.label_column in names and pa.types.is_integer(
         schema.field(cfg.data.label_column).type)
     keep = p.passthrough_columns
     if keep is None:
         keep = [c for c in (cfg.data.id_column, cfg.data.label_column if has_label else None)
                 if c and c in names]
-    missing = [c for c in keep if schema is not None and c not in names]
+    missing = [c for c in keep if c not in names]
     if missing or any(c in OUTPUT_COLUMNS for c in keep):
         raise PipelineError(f"predict.passthrough_columns: {', '.join(missing or keep)} "
                             f"{'not in the input' if missing else 'clashes with an output column'}"
@@ -325,9 +338,9 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                                        file_extensions=None)
             ds = ds.map_batches(
                 Predictor,
-                fn_constructor_kwargs=dict(model_uri=model.uri, tracking_uri=uri,
+                fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
                                            features_column=features_column, keep_columns=keep,
-                                           threads=p.cpus_per_actor),
+                                           threads=p.cpus_per_actor, use_gpu=p.use_gpu),
                 batch_size=p.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=p.num_actors),
                 num_cpus=p.cpus_per_actor, num_gpus=1 if p.use_gpu else None,

@@ -98,8 +98,14 @@ def get_or_create_experiment(mlc, name: str, artifact_location: str | None) -> s
 def open_experiment(configured_uri: str | None, experiment: str,
                     artifact_location: str | None) -> tuple[str, Any, str]:
     """(absolute tracking URI, client, experiment id), failing fast with one clear line."""
+    import mlflow
+
     uri = resolve_tracking_uri(configured_uri)
     check_reachable(uri)
+    # MLflow resolves models:/ URIs (downloads, pyfunc loading, registration) through the global
+    # registry URI, whatever a call's tracking_uri says: point both globals at this store.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     mlc = client(uri)
     try:
         exp_id = get_or_create_experiment(mlc, experiment,
@@ -225,7 +231,6 @@ def register_model(mlc, model_uri: str, run_id: str, name: str, alias: str | Non
     """Register `model_uri` under `name`, set `alias` on the new version; returns the version."""
     import mlflow
 
-    mlflow.set_registry_uri(mlc._registry_uri)
     mv = mlflow.register_model(model_uri, name, tags=tags)
     mlc.update_model_version(name, mv.version, description=description)
     if alias:

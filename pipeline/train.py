@@ -296,10 +296,10 @@ def _input_example(data: TrainData, cfg: TrainJobConfig):
     """Two real validation (or training) sequences as the model's input example."""
     import pandas as pd
 
-    from pipeline.data import _open
+    from pipeline.data import open_parquet
 
     files = data.val_files or data.train_files
-    batch = next(_open(files[0]).iter_batches(batch_size=2, columns=[cfg.data.features_column]))
+    batch = next(open_parquet(files[0]).iter_batches(batch_size=2, columns=[cfg.data.features_column]))
     return pd.DataFrame({cfg.data.features_column: batch.column(0).to_pylist()})
 
 

@@ -12,14 +12,14 @@ from conftest import REPO, run_cli
 from pipeline import tracking
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["data", "synth", "--help"],
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["predict", "--help"], ["data", "synth", "--help"],
                                   ["data", "check", "--help"], ["ui", "--help"]])
 def test_help_documents_every_command(args, tmp_path):
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0 and "Usage:" in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["jobs.train", "jobs.data", "jobs.ui", "jobs.cli"])
+@pytest.mark.parametrize("module", ["jobs.train", "jobs.predict", "jobs.data", "jobs.ui", "jobs.cli"])
 def test_each_launcher_runs_as_a_module(module, tmp_path):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
