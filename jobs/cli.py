@@ -13,6 +13,8 @@ import click
 
 from jobs.data import data
 from jobs.predict import predict
+from jobs.jobs_cmd import jobs_cmd
+from jobs.submit import submit
 from jobs.train import train
 from jobs.ui import ui
 
@@ -27,6 +29,8 @@ main.add_command(data)
 main.add_command(train)
 main.add_command(predict)
 main.add_command(ui)
+main.add_command(submit)
+main.add_command(jobs_cmd)
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 
 import click
@@ -21,6 +22,9 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # A scheduler's stop (SIGTERM, e.g. `lstm-pipeline jobs stop`) ends the command like
+        # Ctrl-C at any point, so an MLflow run is marked KILLED rather than left RUNNING.
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         try:
             return fn(*args, **kwargs)
         except PipelineError as exc:

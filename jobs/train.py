@@ -3,6 +3,7 @@
     lstm-pipeline train                                   # defaults (= conf/train.yaml)
     lstm-pipeline train -c conf/train.yaml model.hidden_size=128 scaling.num_workers=2
     python -m jobs.train -c conf/train.yaml train.epochs=10
+    lstm-pipeline train --resume 3f2c... train.epochs=20   # continue a run from its last checkpoint
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from jobs.common import quiet_libraries, user_errors
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML config (sections data, model, train, scaling, tracking). "
                    "Without it the built-in defaults apply (the same as conf/train.yaml).")
+@click.option("--resume", "resume_run_id", metavar="RUN_ID",
+              help="Continue this MLflow run (stopped, crashed or finished) from its latest "
+                   "checkpoint with the config it was trained with plus the overrides, e.g. "
+                   "train.epochs=20; logs into the same run.")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @user_errors
-def train(config_path: str | None, overrides: tuple[str, ...]) -> None:
+def train(config_path: str | None, resume_run_id: str | None, overrides: tuple[str, ...]) -> None:
     """Train on the configured Parquet shards; log the run and register the model in MLflow.
 
     OVERRIDES are dotted config keys, e.g. model.hidden_size=128 scaling.num_workers=4
@@ -32,9 +37,20 @@ def train(config_path: str | None, overrides: tuple[str, ...]) -> None:
     from pipeline.config import TrainJobConfig, dump_yaml, load_config
     from pipeline.train import run_training
 
-    cfg = load_config(TrainJobConfig, config_path, list(overrides))
+    from pipeline.errors import ConfigError
+    from pipeline.train import config_for_resume
+
+    if resume_run_id:
+        if config_path:
+            raise ConfigError("--resume uses the config the run was trained with: drop -c and "
+                              "pass changes as key=value overrides")
+        cfg, text = config_for_resume(resume_run_id, list(overrides))
+    else:
+        cfg = load_config(TrainJobConfig, config_path, list(overrides))
+        text = dump_yaml(cfg)
     command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
-    result = run_training(cfg, config_text=dump_yaml(cfg), command=command, console=click.echo)
+    result = run_training(cfg, config_text=text, command=command, resume_run_id=resume_run_id,
+                          console=click.echo)
     click.echo("")
     click.echo(f"run id:          {result.run_id}")
     if result.version:

@@ -106,9 +106,20 @@ class OptimConfig:
     storage_path: str = "ray_results"
     """Where Ray Train writes checkpoints: a local directory (made absolute) or a URI."""
     checkpoints_to_keep: int = 2
-    """Checkpoints kept on storage, best by validation loss."""
-    max_failures: int = 0
-    """Times Ray Train restarts the worker group from the latest checkpoint after a failure."""
+    """Checkpoints kept on storage: the best K by validation loss, plus always the latest."""
+    max_failures: int = 1
+    """Times Ray Train restarts the worker group from the latest checkpoint after a failure
+    (a dead worker, a preempted node); -1 retries forever."""
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    """Per-epoch learning-rate schedule: constant, cosine annealing to 0, or step decay."""
+    lr_step_epochs: int = 10
+    """With lr_schedule=step: multiply the rate by lr_gamma every this many epochs."""
+    lr_gamma: float = 0.1
+    """With lr_schedule=step: the decay factor."""
+    early_stopping_patience: int | None = None
+    """Stop after this many epochs without a better early_stopping_metric; null disables."""
+    early_stopping_metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    """The validation metric early stopping watches (lower loss / higher accuracy is better)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -124,6 +135,10 @@ class OptimConfig:
             problems.append("train.checkpoints_to_keep must be >= 1")
         if self.max_failures < -1:
             problems.append("train.max_failures must be >= 0 (or -1 for unlimited)")
+        if self.lr_step_epochs < 1 or not 0 < self.lr_gamma <= 1:
+            problems.append("train.lr_step_epochs must be >= 1 and train.lr_gamma in (0, 1]")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            problems.append("train.early_stopping_patience must be >= 1 or null")
         collect(problems, ConfigError)
 
 

@@ -118,9 +118,19 @@ def open_experiment(configured_uri: str | None, experiment: str,
 
 
 @contextlib.contextmanager
-def tracked_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str]):
-    """Yield a new run's id; end it FINISHED, FAILED (error tag) or KILLED (Ctrl-C), never RUNNING."""
-    run_id = start_run(mlc, experiment_id, run_name, tags)
+def tracked_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str],
+                resume_run_id: str | None = None):
+    """Yield a new run's id (or reopen `resume_run_id`); end it FINISHED, FAILED (error tag) or
+    KILLED (Ctrl-C), never leaving it RUNNING."""
+    if resume_run_id is None:
+        run_id = start_run(mlc, experiment_id, run_name, tags)
+    else:
+        run_id = resume_run_id
+        mlc.update_run(run_id, status="RUNNING")
+        for key, value in tags.items():
+            mlc.set_tag(run_id, key, value)
+        if "error" in mlc.get_run(run_id).data.tags:
+            mlc.delete_tag(run_id, "error")
     try:
         yield run_id
     except KeyboardInterrupt:
@@ -154,18 +164,31 @@ def log_params(mlc, run_id: str, params: dict[str, Any]) -> None:
 
 
 class MetricLogger:
-    """Rank-0 metric logging that never blocks a training step: MLflow's async batch logging."""
+    """Rank-0 metric logging that never blocks a training step: MLflow's async batch logging.
 
-    def __init__(self, uri: str, run_id: str):
+    With `skip_logged` (a restart from a checkpoint), values for steps already in the run are
+    skipped: the first value logged for a step is the one kept, and redone steps add nothing.
+    """
+
+    def __init__(self, uri: str, run_id: str, skip_logged: bool = False):
         self.mlc = client(uri)
         self.run_id = run_id
         self.pending: list = []
+        self.skip_logged = skip_logged
+        self.logged_up_to: dict[str, int] = {}
+
+    def _floor(self, key: str) -> int:
+        if key not in self.logged_up_to:
+            history = self.mlc.get_metric_history(self.run_id, key) if self.skip_logged else []
+            self.logged_up_to[key] = max((m.step for m in history), default=-1)
+        return self.logged_up_to[key]
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                         if step > self._floor(k)]
         if len(self.pending) >= 200:
             self.flush()
 

@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import math
 import os
+import random
 import signal
 import tempfile
 import threading
@@ -27,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import tracking
-from pipeline.config import TrainJobConfig, dump_yaml, flatten, to_dict
-from pipeline.data import SequenceCollate, TrainData, absolute, make_datasets, validate_train_data
+from pipeline.config import TrainJobConfig, dump_yaml, flatten, load_config, to_dict
+from pipeline.data import (SequenceCollate, TrainData, absolute, is_uri, make_datasets,
+                           validate_train_data)
 from pipeline.cluster import check_resources, ray_connection
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.model import build_model
@@ -52,8 +54,12 @@ class TrainResult:
 # --------------------------------------------------------------------------- per-worker loop
 
 
+class NonFiniteLoss(TrainingError):
+    """The loss became NaN or inf: training stops instead of going on with broken weights."""
+
+
 def train_epoch(model, optimizer, batches: Iterable[dict], device, grad_clip: float | None,
-                on_step: Callable[[int, float], None], step: int) -> tuple[float, int, int]:
+                on_step: Callable[[int, float], None], step: int, epoch: int) -> tuple[float, int, int]:
     """One pass over `batches`; returns (summed loss, sequences seen, global step)."""
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
@@ -64,15 +70,19 @@ def train_epoch(model, optimizer, batches: Iterable[dict], device, grad_clip: fl
         optimizer.zero_grad(set_to_none=True)
         logits = model(x, batch["lengths"])
         loss = F.cross_entropy(logits, y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} in epoch {epoch + 1} at step "
+                                f"{step + 1}: lower train.lr, keep train.grad_clip set, or check "
+                                "the data for extreme values")
         loss.backward()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         step += 1
-        detached = loss.detach()
-        total_loss += detached.double().cpu() * len(y)
+        total_loss += value * len(y)
         seen += len(y)
-        on_step(step, detached)
+        on_step(step, value)
     return float(total_loss), seen, step
 
 
@@ -105,40 +115,80 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def make_scheduler(optimizer, cfg: TrainJobConfig):
+    if cfg.train.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    if cfg.train.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_step_epochs, cfg.train.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _improved(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "val_loss" else value > best
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: its shard of the data, the model, epochs of train/evaluate/report.
+
+    Restarts (a worker died, `--resume`) continue from the latest checkpoint: model, optimizer,
+    LR schedule, epoch, step, RNG states and early-stopping state. Metrics already in MLflow for
+    the steps and epochs being redone are kept and the redone values skipped, so the history has
+    neither gaps nor duplicates.
+    """
     import ray.train
     import ray.train.torch
 
     cfg: TrainJobConfig = config["cfg"]
     meta: dict[str, Any] = config["meta"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker actually reserved.
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
 
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(build_model(meta))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
-    start_epoch, step = 0, 0
-    best_val_loss = math.inf
+    scheduler = make_scheduler(optimizer, cfg)
+    start_epoch, step, best, stale = 0, 0, None, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location=device,
+            state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu",
                                weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
         start_epoch, step = state["epoch"] + 1, state["step"]
-        best_val_loss = state.get("best_val_loss", math.inf)
+        best, stale = state["best"], state["stale"]
 
-    logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    logger = None
+    if rank == 0:
+        logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"],
+                                       skip_logged=checkpoint is not None)
     every = cfg.train.log_every_n_steps
 
-    def on_step(step: int, loss: torch.Tensor) -> None:
+    def on_step(step: int, loss: float) -> None:
         if logger is not None and step % every == 0:
-            logger.log({"train_loss_step": float(loss)}, step)
+            logger.log({"train_loss_step": loss}, step)
 
     collate = SequenceCollate(cfg.data.features_column, cfg.data.label_column,
                               meta["num_classes"], meta["n_features"])
@@ -150,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         loss_sum, seen, step = train_epoch(
             model, optimizer, train_shard.iter_torch_batches(**batch_args), device,
-            cfg.train.grad_clip, on_step, step,
+            cfg.train.grad_clip, on_step, step, epoch,
         )
         train_seconds = time.perf_counter() - t0
         val_loss_sum, correct, count = evaluate(model, val_shard.iter_torch_batches(**batch_args), device)
@@ -159,29 +209,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if count == 0:
             raise TrainingError("the validation set is empty: give data.val_path more rows or "
                                 "raise data.val_fraction")
-        if not math.isfinite(loss_sum):
-            raise TrainingError(f"training loss became non-finite in epoch {epoch + 1} (step {step}): "
-                                "lower train.lr or set train.grad_clip")
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
         metrics = {
             "epoch": epoch + 1,
             "step": step,
             "train_loss": loss_sum / max(seen, 1),
             "val_loss": val_loss_sum / count,
             "val_accuracy": correct / count,
+            "learning_rate": lr,
             "sequences_per_second": seen / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
         }
-        best_val_loss = min(best_val_loss, metrics["val_loss"])
+        watched = metrics[cfg.train.early_stopping_metric]
+        if _improved(cfg.train.early_stopping_metric, watched, best):
+            best, stale = watched, 0
+        else:
+            stale += 1
+        patience = cfg.train.early_stopping_patience
+        stop = patience is not None and stale >= patience and epoch + 1 < cfg.train.epochs
+        metrics["early_stopped"] = int(stop)
         if rank == 0:
-            logger.log({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch + 1)
+            logger.log({k: v for k, v in metrics.items() if k not in ("epoch", "step", "early_stopped")},
+                       epoch + 1)
             logger.flush()
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({
                     "model": _unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
                     "step": step,
-                    "best_val_loss": best_val_loss,
+                    "best": best,
+                    "stale": stale,
+                    "rng": _rng_state(),
+                    "config": to_dict(cfg),
+                    "run_id": config["run_id"],
                     "meta": meta,
                 }, os.path.join(tmp, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -189,6 +252,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 config["progress"].put_nowait(metrics)
         else:
             ray.train.report(metrics, checkpoint=None)
+        if stop:
+            break
     if logger is not None:
         logger.flush(wait=True)
 
@@ -257,17 +322,19 @@ def _explain_failure(exc: BaseException) -> str:
 
 
 def _print_progress(queue, epochs: int, console: Callable[[str], None], stop: threading.Event,
-                    started: float) -> None:
+                    patience: int | None) -> None:
     while not stop.is_set():
         try:
             m = queue.get(timeout=0.5)
         except Exception:
             continue
         done = m["epoch"]
-        eta = (time.time() - started) / done * (epochs - done) if done else 0.0
+        eta = m["epoch_seconds"] * (epochs - done)
         console(f"epoch {done}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
                 f"val_acc {m['val_accuracy']:.4f}  {m['sequences_per_second']:.0f} seq/s  "
                 f"{m['epoch_seconds']:.1f}s  ETA {eta:.0f}s")
+        if m.get("early_stopped"):
+            console(f"early stopping: no better validation metric for {patience} epochs")
 
 
 @contextlib.contextmanager
@@ -303,10 +370,49 @@ def _input_example(data: TrainData, cfg: TrainJobConfig):
     return pd.DataFrame({cfg.data.features_column: batch.column(0).to_pylist()})
 
 
+def ray_run_name(cfg: TrainJobConfig, run_id: str) -> str:
+    """Ray Train's run directory under train.storage_path: one per MLflow run, so a restart or a
+    `--resume` finds that run's checkpoints (Ray restores from the latest automatically)."""
+    return f"{cfg.tracking.experiment}-{run_id[:12]}"
+
+
+def config_for_resume(run_id: str, overrides: list[str]) -> tuple[TrainJobConfig, str]:
+    """The config a run was trained with (its config.yaml artifact) plus new overrides."""
+    import mlflow.exceptions
+
+    probe = load_config(TrainJobConfig, None, overrides)
+    uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
+    tracking.check_reachable(uri)
+    mlc = tracking.client(uri)
+    try:
+        mlc.get_run(run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlc.download_artifacts(run_id, "config.yaml", tmp)
+            cfg = load_config(TrainJobConfig, path, overrides)
+    except mlflow.exceptions.MlflowException as exc:
+        raise PipelineError(f"cannot resume run {run_id} from {uri} ({str(exc).splitlines()[0]}): "
+                            "give the id of a training run in this tracking store") from None
+    return cfg, dump_yaml(cfg)
+
+
+def _check_resumable(cfg: TrainJobConfig, run_id: str) -> None:
+    import pyarrow.fs as pafs
+
+    path = f"{cfg.train.storage_path.rstrip('/')}/{ray_run_name(cfg, run_id)}"
+    fs, inner = pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
+    if fs.get_file_info(f"{inner}/checkpoint_manager_snapshot.json").type == pafs.FileType.NotFound:
+        raise PipelineError(f"run {run_id} has no checkpoint under {path}: it stopped before its "
+                            "first epoch ended, or train.storage_path differs; train it anew")
+
+
 def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
-                 command: str | None = None,
+                 command: str | None = None, resume_run_id: str | None = None,
                  console: Callable[[str], None] = print) -> TrainResult:
-    """Validate, train on Ray, track in MLflow. Raises PipelineError for anything the user can fix."""
+    """Validate, train on Ray, track in MLflow. Raises PipelineError for anything the user can fix.
+
+    With `resume_run_id`, the MLflow run is reopened and training continues from its latest
+    checkpoint to `train.epochs`, logging into the same run.
+    """
     import mlflow
     import ray
 
@@ -317,6 +423,9 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
             f"{data.n_features} features, {data.num_classes} classes")
     uri, mlc, exp_id = tracking.open_experiment(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    if resume_run_id is not None:
+        _check_resumable(cfg, resume_run_id)
+        exp_id = mlc.get_run(resume_run_id).info.experiment_id
 
     meta = {
         "n_features": data.n_features,
@@ -342,11 +451,19 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     }
     if command:
         tags["mlflow.note.content"] = f"```\n{command}\n```"
-    with tracking.tracked_run(mlc, exp_id, run_name, tags) as run_id:
-        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
-        tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
-            "data.n_features": data.n_features, "data.num_classes_resolved": data.num_classes})
-        mlc.log_text(run_id, config_text or dump_yaml(cfg), "config.yaml")
+    if resume_run_id is not None:
+        tags["resumed_with"] = command or "run_training(resume_run_id=...)"
+    with tracking.tracked_run(mlc, exp_id, run_name, tags, resume_run_id) as run_id:
+        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}"
+                + (" (resumed)" if resume_run_id else ""))
+        if resume_run_id is None:
+            tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
+                "data.n_features": data.n_features, "data.num_classes_resolved": data.num_classes})
+            mlc.log_text(run_id, config_text or dump_yaml(cfg), "config.yaml")
+        else:
+            # Params are immutable in MLflow; the config a resume ran with is its own artifact.
+            mlc.log_text(run_id, config_text or dump_yaml(cfg),
+                         f"config-resume-{int(time.time())}.yaml")
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         with ray_connection(cfg.scaling.address, need, cfg.scaling.local_num_cpus):
             check_resources(
@@ -406,7 +523,7 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.tracking.experiment}-{run_id[:12]}",
+            name=ray_run_name(cfg, run_id),
             storage_path=cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
@@ -418,7 +535,8 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
         datasets={"train": train_ds, "val": val_ds},
     )
     printer = threading.Thread(target=_print_progress, daemon=True,
-                               args=(progress, cfg.train.epochs, console, stop, time.time()))
+                               args=(progress, cfg.train.epochs, console, stop,
+                                     cfg.train.early_stopping_patience))
     printer.start()
     try:
         with _interruptible():

@@ -33,9 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_env(extra: dict | None = None) -> dict:
+    """The environment for a CLI subprocess: ours, minus the MLflow URIs that in-process jobs
+    exported (mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI for child processes)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    return env | {"PYTHONUNBUFFERED": "1"} | (extra or {})
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `lstm-pipeline ARGS` as a user would, in a subprocess."""
-    full_env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    full_env = cli_env(env)
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

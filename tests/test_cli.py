@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_env, run_cli
 from pipeline import tracking
 
 
@@ -70,7 +70,7 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed(tmp_path, synth_dir, sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", *_train_args(synth_dir, "train.epochs=50")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        env=cli_env())
     run_id = None
     deadline = time.time() + 300
     for line in proc.stdout:

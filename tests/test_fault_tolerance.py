@@ -1,0 +1,145 @@
+"""Training survives a dead worker, resumes a killed job, stops early, and refuses NaNs."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow  # noqa: F401  (imported before the threads: concurrent first imports of mlflow race)
+import psutil
+import pytest
+
+from conftest import cli_env, run_cli, small_config
+from pipeline import tracking
+from pipeline.train import run_training
+
+
+def _history(mlc, run_id, key):
+    return sorted((m.step, m.value) for m in mlc.get_metric_history(run_id, key))
+
+
+def _our_train_workers() -> list[psutil.Process]:
+    """RayTrainWorker processes of this test session's Ray (children of its raylet), not of any
+    other Ray on the machine."""
+    import ray
+
+    raylet_pid = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return [p for p in psutil.Process(raylet_pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint_in_the_same_run(ray_session, synth_dir, tmp_path):
+    cfg = small_config(synth_dir, tmp_path, **{"train.epochs": 4, "train.max_failures": 1,
+                                               "tracking.registered_model_name": "null"})
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    outcome = {}
+
+    def train():
+        try:
+            outcome["result"] = run_training(cfg, console=lambda line: None)
+        except BaseException as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    # Wait until epoch 1 is reported (its checkpoint exists), then kill a worker mid-epoch 2.
+    deadline = time.time() + 300
+    killed = None
+    while killed is None and time.time() < deadline and thread.is_alive():
+        exp = tracking.client(uri).get_experiment_by_name("tests")
+        runs = tracking.client(uri).search_runs([exp.experiment_id]) if exp else []
+        if runs and tracking.client(uri).get_metric_history(runs[0].info.run_id, "val_loss"):
+            time.sleep(1.0)
+            workers = _our_train_workers()
+            if workers:
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.3)
+    thread.join(timeout=600)
+    assert killed is not None, "never saw epoch 1 finish"
+    assert "error" not in outcome, outcome.get("error")
+    res = outcome["result"]
+    mlc = tracking.client(uri)
+    runs = mlc.search_runs([mlc.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [res.run_id]  # one run, continued
+    assert runs[0].info.status == "FINISHED"
+    for key in ("val_loss", "val_accuracy", "train_loss"):
+        assert [s for s, _ in _history(mlc, res.run_id, key)] == [1, 2, 3, 4], key
+    steps = [s for s, _ in _history(mlc, res.run_id, "train_loss_step")]
+    assert steps == sorted(set(steps)), "a redone step was logged twice"
+    assert steps == list(range(5, steps[-1] + 1, 5)), "a gap in the step history"
+    assert res.val_accuracy >= 0.8  # the same band as the undisturbed run in test_train
+
+
+def test_kill_the_driver_then_resume_into_the_same_run(synth_dir, tmp_path):
+    args = ["train", f"data.train_path={synth_dir / 'train'}", f"data.val_path={synth_dir / 'val'}",
+            "data.batch_size=64", "model.hidden_size=32", "train.lr=0.01",
+            "tracking.registered_model_name=null"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "train.epochs=3"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=cli_env(), start_new_session=True)
+    run_id = None
+    for line in proc.stdout:
+        if line.startswith("mlflow: run "):
+            run_id = line.split()[2]
+        if line.startswith("epoch 1/3"):
+            break
+    # A crash, not a shutdown: the whole process group (driver and the Ray it started) dies.
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    mlc = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlc.get_run(run_id).info.status == "RUNNING"  # nobody could close it
+    done = run_cli("train", "--resume", run_id, "train.epochs=4", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(resumed)" in done.stdout and "epoch 4/4" in done.stdout
+    assert "epoch 1/4" not in done.stdout  # continued from the checkpoint, not from scratch
+    run = mlc.get_run(run_id)
+    assert run.info.status == "FINISHED" and "resumed_with" in run.data.tags
+    assert [s for s, _ in _history(mlc, run_id, "val_loss")] == [1, 2, 3, 4]
+    assert len(mlc.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_errors_are_one_line(tmp_path, synth_dir):
+    proc = run_cli("train", "--resume", "0123456789abcdef", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot resume run 0123456789abcdef" in lines[0]
+
+
+def test_early_stopping_stops_when_the_metric_stalls(ray_session, synth_dir, tmp_path):
+    # A learning rate this small leaves the predictions, so the accuracy, unchanged.
+    cfg = small_config(synth_dir, tmp_path, **{
+        "train.epochs": 6, "train.lr": 1e-12, "scaling.num_workers": 1,
+        "train.early_stopping_patience": 2, "train.early_stopping_metric": "val_accuracy",
+        "tracking.registered_model_name": "null"})
+    res = run_training(cfg, console=lambda line: None)
+    mlc = tracking.client(res.tracking_uri)
+    assert [s for s, _ in _history(mlc, res.run_id, "val_accuracy")] == [1, 2, 3]
+
+
+def test_a_non_finite_loss_stops_training_naming_epoch_and_step():
+    """The guard in the training step, on a model whose weights went bad (as after divergence)."""
+    import torch
+
+    from pipeline.model import LSTMClassifier
+    from pipeline.train import NonFiniteLoss, train_epoch
+
+    torch.manual_seed(0)
+    model = LSTMClassifier(4, 3, hidden_size=8)
+    opt = torch.optim.Adam(model.parameters())
+    batch = {"x": torch.randn(5, 6, 4), "lengths": torch.tensor([6, 5, 4, 3, 2]),
+             "label": torch.tensor([0, 1, 2, 0, 1])}
+    logged = []
+    loss, seen, step = train_epoch(model, opt, [batch, batch], "cpu", 1.0,
+                                   lambda s, v: logged.append(s), step=10, epoch=2)
+    assert (seen, step, logged) == (10, 12, [11, 12]) and loss > 0
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    before = [p.detach().clone() for p in model.lstm.parameters()]
+    with pytest.raises(NonFiniteLoss) as err:
+        train_epoch(model, opt, [batch], "cpu", 1.0, lambda s, v: None, step=12, epoch=2)
+    assert "the training loss became nan in epoch 3 at step 13" in str(err.value)
+    # Stopped before the step: the NaN never reached the weights.
+    assert all(torch.equal(a, b) for a, b in zip(before, model.lstm.parameters()))
