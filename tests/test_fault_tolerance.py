@@ -74,9 +74,10 @@ def test_a_killed_worker_restarts_from_the_checkpoint_in_the_same_run(ray_sessio
 
 
 def test_kill_the_driver_then_resume_into_the_same_run(synth_dir, tmp_path):
+    """Also the CLI end to end on the embedded defaults: SQLite store, artifacts and checkpoints
+    in the working directory, the summary a user reads."""
     args = ["train", f"data.train_path={synth_dir / 'train'}", f"data.val_path={synth_dir / 'val'}",
-            "data.batch_size=64", "model.hidden_size=32", "train.lr=0.01",
-            "tracking.registered_model_name=null"]
+            "data.batch_size=64", "model.hidden_size=32", "train.lr=0.01"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "train.epochs=3"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=cli_env(), start_new_session=True)
@@ -93,10 +94,15 @@ def test_kill_the_driver_then_resume_into_the_same_run(synth_dir, tmp_path):
     assert mlc.get_run(run_id).info.status == "RUNNING"  # nobody could close it
     done = run_cli("train", "--resume", run_id, "train.epochs=4", cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(resumed)" in done.stdout and "epoch 4/4" in done.stdout
-    assert "epoch 1/4" not in done.stdout  # continued from the checkpoint, not from scratch
+    out = done.stdout
+    assert "(resumed)" in out and "epoch 4/4" in out and "seq/s" in out and "ETA" in out
+    assert "epoch 1/4" not in out  # continued from the checkpoint, not from scratch
+    assert f"run id:          {run_id}" in out
+    assert "registered:      models:/lstm-classifier/1 (alias @current)" in out
+    assert "open the UI:     lstm-pipeline ui" in out
+    assert (tmp_path / "mlartifacts").is_dir() and (tmp_path / "ray_results").is_dir()
     run = mlc.get_run(run_id)
-    assert run.info.status == "FINISHED" and "resumed_with" in run.data.tags
+    assert run.info.status == "FINISHED" and "--resume" in run.data.tags["resumed_with"]
     assert [s for s, _ in _history(mlc, run_id, "val_loss")] == [1, 2, 3, 4]
     assert len(mlc.search_runs([run.info.experiment_id])) == 1
 
