@@ -5,45 +5,68 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
 
 
+def local_cpus(configured: int | None) -> int:
+    """Logical CPUs of a local Ray: the cores plus two for Ray Data's read and split tasks, which
+    otherwise wait forever behind training workers or predict actors holding every core."""
+    return configured or (os.cpu_count() or 1) + 2
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's minute of retries, when nothing listens at `address`."""
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.hostname is None or parsed.port is None:
+        return
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=3).close()
+    except OSError as exc:
+        raise PipelineError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}): "
+                            "start it (`ray start --head`) or fix scaling.address / RAY_ADDRESS") from None
+
+
 @contextlib.contextmanager
-def ray_connection(address: str | None, need_cpus: int, local_num_cpus: int | None = None):
+def ray_connection(address: str | None, need_cpus: int, need_gpus: int, what: str, fix: str,
+                   local_num_cpus: int | None = None):
     """Use an initialised Ray (tests, Ray jobs), connect to `address` / RAY_ADDRESS, or start a
-    local Ray; shut down only what this call started."""
+    local Ray; check the job can ever be placed; shut down only what this call started."""
     import ray
 
     started = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise PipelineError(f"cannot connect to the Ray cluster at {address} ({exc}): "
-                                    "start it or fix the address / RAY_ADDRESS") from None
+                                    "start it or fix scaling.address / RAY_ADDRESS") from None
         else:
-            # Ray Data's read tasks need CPUs beside the training workers or predict actors, or
-            # the data stage waits forever; logical CPUs above the physical count are fine for
-            # those light tasks.
-            num_cpus = local_num_cpus or max(os.cpu_count() or 1, need_cpus + 2)
+            num_cpus = local_cpus(local_num_cpus)
+            # Decide before paying for a Ray start.
+            _check_capacity({"CPU": num_cpus, "GPU": 0}, need_cpus, need_gpus, what,
+                            f"{fix}, or set the local Ray's CPUs (scaling.local_num_cpus / "
+                            "cluster.local_num_cpus)")
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      logging_level=logging.ERROR, log_to_driver=False)
         started = True
     try:
+        _check_capacity(ray.cluster_resources(), need_cpus, need_gpus, what, fix)
         yield
     finally:
         if started:
             ray.shutdown()
 
 
-def check_resources(need_cpus: int, need_gpus: int, what: str, fix: str) -> None:
+def _check_capacity(total: dict, need_cpus: int, need_gpus: int, what: str, fix: str) -> None:
     """Fail fast when the cluster can never hold the job, instead of waiting forever."""
-    import ray
-
-    total = ray.cluster_resources()
     problems = []
     if total.get("CPU", 0) < need_cpus:
         problems.append(f"{what} need {need_cpus} CPUs, the Ray cluster has {total.get('CPU', 0):g}")

@@ -228,6 +228,9 @@ def build(cls: type, raw: dict[str, Any], prefix: str = ""):
     """Turn a nested dict into dataclass `cls`, reporting every unknown key and bad type."""
     problems: list[str] = []
     value = _convert(cls, raw, prefix, problems)
+    # Each line says what to do, not only what is wrong.
+    problems = [p if ":" in p else f"{p}: fix it in the config file or the key=value override"
+                for p in problems]
     collect(problems, ConfigError, "config")
     return value
 
@@ -294,7 +297,7 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         names = {f.name for f in dataclasses.fields(tp) if f.init}
         for unknown in sorted(set(value) - names):
             problems.append(
-                f"unknown config key {key + '.' if key else ''}{unknown} "
+                f"unknown config key {key + '.' if key else ''}{unknown}: check the spelling "
                 f"(known: {', '.join(sorted(names))})"
             )
         kwargs = {}
@@ -390,11 +393,16 @@ class PredictConfig:
     """CPUs per actor; also its torch thread count."""
     use_gpu: bool = False
     """One GPU per actor."""
+    chunk_bytes: int = 1_000_000_000
+    """Input is predicted in chunks of about this many Parquet bytes; a rerun after a crash
+    skips the chunks already written."""
 
     def __post_init__(self) -> None:
         problems = []
         if self.batch_size < 1:
             problems.append("predict.batch_size must be >= 1")
+        if self.chunk_bytes < 1:
+            problems.append("predict.chunk_bytes must be >= 1")
         if self.num_actors < 1:
             problems.append("predict.num_actors must be >= 1")
         if self.cpus_per_actor < 1:

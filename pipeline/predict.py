@@ -13,12 +13,12 @@ the output appears whole or not at all.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,12 +28,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import tracking
-from pipeline.cluster import check_resources, ray_connection
+from pipeline.cluster import ray_connection
 from pipeline.config import DataConfig, PredictJobConfig, flatten, to_dict
 from pipeline.data import absolute, inspect_files, is_uri, list_shards, open_parquet
 from pipeline.errors import DataError, PipelineError, collect
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
+DONE_MARKER = "_DONE.json"
 
 
 @dataclass
@@ -328,35 +329,44 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
             "model.resolved_uri": model.uri, "model.name": model.name, "model.version": model.version,
             "model.run_id": model.run_id, "input.rows": info.rows})
         need = p.num_actors * p.cpus_per_actor
-        with ray_connection(cfg.cluster.address, need, cfg.cluster.local_num_cpus):
-            # Leave at least one CPU for the read tasks: a pool holding every CPU starves them.
-            check_resources(need + 1, p.num_actors if p.use_gpu else 0,
+        # Leave at least one CPU for the read tasks: a pool holding every CPU starves them.
+        with ray_connection(cfg.cluster.address, need + 1, p.num_actors if p.use_gpu else 0,
                             f"{p.num_actors} actors x {p.cpus_per_actor} CPUs plus the reads",
-                            "lower predict.num_actors / predict.cpus_per_actor or add nodes")
+                            "lower predict.num_actors / predict.cpus_per_actor or add nodes",
+                            cfg.cluster.local_num_cpus):
             start = time.perf_counter()
-            ds = ray.data.read_parquet(files, columns=sorted({features_column, *keep}),
-                                       file_extensions=None)
-            ds = ds.map_batches(
-                Predictor,
-                fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
-                                           features_column=features_column, keep_columns=keep,
-                                           threads=p.cpus_per_actor, use_gpu=p.use_gpu),
-                batch_size=p.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=p.num_actors),
-                num_cpus=p.cpus_per_actor, num_gpus=1 if p.use_gpu else None,
-                udf_modifying_row_count=False,
-            )
-            staging = _staging_path(output)
-            try:
-                ds.write_parquet(staging)
-                rows = _count_rows(staging)
-                if rows != info.rows:
-                    raise PipelineError(f"wrote {rows} rows for {info.rows} input rows: nothing "
-                                        "was published; rerun the job")
-                _publish(staging, output, p.overwrite)
-            except BaseException:
+            staging = _staging_path(output, model.uri, features_column, keep)
+            chunks = _chunks(files, p.chunk_bytes)
+            done = 0
+            for i, chunk in enumerate(chunks):
+                target = f"{staging}/chunk-{i:05d}"
+                if _chunk_done(target, chunk):
+                    done += 1
+                    continue
+                _remove(target)
+                ds = ray.data.read_parquet(chunk, columns=sorted({features_column, *keep}),
+                                           file_extensions=None)
+                ds = ds.map_batches(
+                    Predictor,
+                    fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
+                                               features_column=features_column, keep_columns=keep,
+                                               threads=p.cpus_per_actor, use_gpu=p.use_gpu),
+                    batch_size=p.batch_size, batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=p.num_actors),
+                    num_cpus=p.cpus_per_actor, num_gpus=1 if p.use_gpu else None,
+                    udf_modifying_row_count=False,
+                )
+                ds.write_parquet(target)
+                _mark_done(target, chunk)
+            if done:
+                console(f"resumed: {done} of {len(chunks)} input chunks were already predicted "
+                        f"in {staging}")
+            rows = _count_rows(staging)
+            if rows != info.rows:
                 _remove(staging)
-                raise
+                raise PipelineError(f"wrote {rows} rows for {info.rows} input rows: nothing was "
+                                    "published; rerun the job")
+            _publish(staging, output, p.overwrite)
             seconds = time.perf_counter() - start
         metrics = {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
         accuracy = None
@@ -379,9 +389,53 @@ def _metric_list(metrics: dict[str, float]):
     return [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
 
 
-def _staging_path(output: str) -> str:
+def _staging_path(output: str, model_uri: str, features_column: str, keep: list[str]) -> str:
+    """The hidden directory beside the target where a job writes: the same for a rerun of the
+    same job (output, model, columns), so a rerun after a crash finds the finished chunks."""
     parent, name = os.path.split(output.rstrip("/"))
-    return f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    key = hashlib.sha256(json.dumps([output, model_uri, features_column, keep]).encode()).hexdigest()
+    return f"{parent}/.{name}.partial-{key[:12]}"
+
+
+def _chunks(files: list[str], chunk_bytes: int) -> list[list[str]]:
+    """Consecutive groups of input files of about `chunk_bytes`: the unit a rerun can skip."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for path in files:
+        fs, inner = _fs(path)
+        nbytes = fs.get_file_info(inner).size or 0
+        if chunks[-1] and size + nbytes > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(path)
+        size += nbytes
+    return chunks
+
+
+def _fingerprint(chunk: list[str]) -> list:
+    """What a finished chunk was made from: paths, sizes and modification times."""
+    out = []
+    for path in chunk:
+        fs, inner = _fs(path)
+        info = fs.get_file_info(inner)
+        out.append([path, info.size, info.mtime_ns])
+    return out
+
+
+def _mark_done(target: str, chunk: list[str]) -> None:
+    fs, inner = _fs(target)
+    with fs.open_output_stream(f"{inner}/{DONE_MARKER}") as fh:
+        fh.write(json.dumps(_fingerprint(chunk)).encode())
+
+
+def _chunk_done(target: str, chunk: list[str]) -> bool:
+    """A chunk is skipped only if it finished from exactly the same input files."""
+    fs, inner = _fs(target)
+    try:
+        with fs.open_input_stream(f"{inner}/{DONE_MARKER}") as fh:
+            return json.loads(fh.read()) == json.loads(json.dumps(_fingerprint(chunk)))
+    except (FileNotFoundError, OSError, ValueError):
+        return False
 
 
 def _count_rows(path: str) -> int:
@@ -393,8 +447,11 @@ def _publish(staging: str, output: str, overwrite: bool) -> None:
     """Move the finished staging directory into place (a rename on local disks)."""
     fs, out_inner = _fs(output)
     _, staging_inner = _fs(staging)
+    for info in fs.get_file_info(pafs.FileSelector(staging_inner, recursive=True)):
+        if info.base_name == DONE_MARKER:
+            fs.delete_file(info.path)
     if overwrite and _exists(output):
-        trash = _staging_path(output) + ".old"
+        trash = f"{staging}.old"
         fs.move(out_inner, _fs(trash)[1])
         fs.move(staging_inner, out_inner)
         _remove(trash)

@@ -166,20 +166,21 @@ def log_params(mlc, run_id: str, params: dict[str, Any]) -> None:
 class MetricLogger:
     """Rank-0 metric logging that never blocks a training step: MLflow's async batch logging.
 
-    With `skip_logged` (a restart from a checkpoint), values for steps already in the run are
-    skipped: the first value logged for a step is the one kept, and redone steps add nothing.
+    Values for steps the run already has are skipped: after a restart (a dead worker, with or
+    without a checkpoint yet; `--resume`) the first value logged for a step is the one kept and
+    redone steps add nothing, so a metric's history has each step once.
     """
 
-    def __init__(self, uri: str, run_id: str, skip_logged: bool = False):
+    def __init__(self, uri: str, run_id: str):
         self.mlc = client(uri)
         self.run_id = run_id
         self.pending: list = []
-        self.skip_logged = skip_logged
         self.logged_up_to: dict[str, int] = {}
 
     def _floor(self, key: str) -> int:
+        """The last step logged for `key` before this process started (one query per key)."""
         if key not in self.logged_up_to:
-            history = self.mlc.get_metric_history(self.run_id, key) if self.skip_logged else []
+            history = self.mlc.get_metric_history(self.run_id, key)
             self.logged_up_to[key] = max((m.step for m in history), default=-1)
         return self.logged_up_to[key]
 

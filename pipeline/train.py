@@ -31,7 +31,7 @@ from pipeline import tracking
 from pipeline.config import TrainJobConfig, dump_yaml, flatten, load_config, to_dict
 from pipeline.data import (SequenceCollate, TrainData, absolute, is_uri, make_datasets,
                            validate_train_data)
-from pipeline.cluster import check_resources, ray_connection
+from pipeline.cluster import ray_connection
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.model import build_model
 
@@ -182,8 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logger = None
     if rank == 0:
-        logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"],
-                                       skip_logged=checkpoint is not None)
+        logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"])
     every = cfg.train.log_every_n_steps
 
     def on_step(step: int, loss: float) -> None:
@@ -465,11 +464,11 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
             mlc.log_text(run_id, config_text or dump_yaml(cfg),
                          f"config-resume-{int(time.time())}.yaml")
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        with ray_connection(cfg.scaling.address, need, cfg.scaling.local_num_cpus):
-            check_resources(
-                need, cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
-                f"{cfg.scaling.num_workers} workers",
-                "lower scaling.num_workers / scaling.cpus_per_worker or add nodes")
+        with ray_connection(cfg.scaling.address, need,
+                            cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
+                            f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs",
+                            "lower scaling.num_workers / scaling.cpus_per_worker or add nodes",
+                            cfg.scaling.local_num_cpus):
             resolved = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
             for warning in check_shared_paths(resolved, sum(n["Alive"] for n in ray.nodes())):
                 console(f"WARNING: {warning}")

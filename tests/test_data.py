@@ -154,19 +154,6 @@ def test_hash_split_is_a_deterministic_partition():
     assert ids(_split_by_hash(table, 0.2, seed=4, keep_val=True)) != ids(val)
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "nan", "float_label"])
-def test_train_cli_reports_bad_data_in_one_line(tmp_path, case):
-    path, expected = make_case(tmp_path, case)
-    proc = run_cli("train", f"data.train_path={path}", "data.val_path=null", "data.val_fraction=0.2",
-                   cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    # Data is checked before MLflow is touched: no run, not even a store.
-    assert not (tmp_path / "mlflow.db").exists()
-
-
 def test_data_check_cli_summary_and_failure(tmp_path, synth_dir):
     ok = run_cli("data", "check", str(synth_dir / "train"), cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import run_cli
 from pipeline import tracking
 from pipeline.config import PredictJobConfig, load_config
 from pipeline.errors import PipelineError
@@ -93,67 +92,49 @@ def test_unlabelled_input_and_overwrite(ray_session, trained, tmp_path):
     assert "accuracy" not in tracking.client(trained["result"].tracking_uri).get_run(res.run_id).data.metrics
 
 
-def test_failure_mid_write_leaves_no_partial_output(ray_session, trained, tmp_path):
-    """A bad row past the up-front sample fails the job while blocks are already written."""
+def _with_ids(table, offset):
+    return table.set_column(0, "id", pa.array(np.asarray(table.column("id")) + offset))
+
+
+def test_a_failed_job_publishes_nothing_and_a_rerun_resumes(ray_session, trained, tmp_path):
+    """A bad row past the up-front sample fails chunk 4 of 4 after 3 chunks were written: the
+    target stays absent; fixed and rerun, the job skips the 3 finished chunks and publishes
+    every row exactly once."""
     src = pq.read_table(trained["data"] / "val")
     (tmp_path / "in").mkdir()
     for i in range(3):
-        pq.write_table(src, tmp_path / "in" / f"part-{i}.parquet", row_group_size=100)
-    feats = src.column("features").to_pylist()
+        pq.write_table(_with_ids(src, 10_000 * (i + 1)), tmp_path / "in" / f"part-{i}.parquet")
+    big = pa.concat_tables([_with_ids(src, 100_000 * (k + 1)) for k in range(6)])  # 2400 rows
+    feats = big.column("features").to_pylist()
     feats[-1][0][0] = float("nan")  # beyond the first 2048 rows checked up front
-    big = pa.concat_tables([src] * 6).set_column(
-        1, "features", pa.array(feats * 6, type=src.schema.field("features").type))
-    pq.write_table(big, tmp_path / "in" / "part-3.parquet", row_group_size=100)
-    cfg = predict_config(trained, tmp_path / "in", tmp_path / "out")
+    bad = big.set_column(1, "features", pa.array(feats, type=src.schema.field("features").type))
+    pq.write_table(bad, tmp_path / "in" / "part-3.parquet", row_group_size=100)
+    cfg = predict_config(trained, tmp_path / "in", tmp_path / "out", "predict.chunk_bytes=1")
     with pytest.raises(Exception) as err:
         run_prediction(cfg)
     assert "NaN or inf" in str(err.value)
     assert not (tmp_path / "out").exists()
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".out")] == []
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert len(staging) == 1
+    assert sorted(p.name for p in staging[0].iterdir()) == ["chunk-00000", "chunk-00001", "chunk-00002",
+                                                             "chunk-00003"]
+    first = {p.name: p.stat().st_mtime_ns for p in (staging[0] / "chunk-00000").glob("*.parquet")}
     mlc = tracking.client(trained["result"].tracking_uri)
-    runs = mlc.search_runs([mlc.get_experiment_by_name("lstm-pipeline-predict").experiment_id],
-                           filter_string="attributes.status = 'RUNNING'")
-    assert runs == []
+    exp = mlc.get_experiment_by_name("lstm-pipeline-predict").experiment_id
+    assert mlc.search_runs([exp], filter_string="attributes.status = 'RUNNING'") == []
 
-
-@pytest.mark.parametrize("case", ["unknown_model", "unknown_alias", "n_features", "output_exists",
-                                  "empty_input", "missing_input"])
-def test_predict_errors_are_one_clear_line(trained, tmp_path, case):
-    uri = trained["result"].tracking_uri
-    model, inp, expected = "models:/lstm-classifier@current", str(trained["data"] / "val"), None
-    out = tmp_path / "out"
-    if case == "unknown_model":
-        model, expected = "models:/nope@current", "model models:/nope@current not found: no registered model 'nope'; registered models: lstm-classifier"
-    elif case == "unknown_alias":
-        model, expected = "models:/lstm-classifier@prod", "not found: 'lstm-classifier' has versions 1 and aliases @current"
-    elif case == "n_features":
-        (tmp_path / "in").mkdir()
-        pq.write_table(pa.table({"features": pa.array([[[1.0] * 7] * 3], type=pa.list_(pa.list_(pa.float32())))}),
-                       tmp_path / "in" / "a.parquet")
-        inp, expected = str(tmp_path / "in"), "the input has 7 features per step, the model models:/lstm-classifier@current was trained on 4"
-    elif case == "output_exists":
-        out.mkdir()
-        (out / "keep.txt").write_text("x")
-        expected = "already exists: pass --overwrite"
-    elif case == "empty_input":
-        (tmp_path / "in").mkdir()
-        inp, expected = str(tmp_path / "in"), "holds no Parquet files"
-    elif case == "missing_input":
-        inp, expected = str(tmp_path / "nowhere"), "does not exist"
-    proc = run_cli("predict", "--model", model, "--input", inp, "--output", str(out),
-                   f"tracking.tracking_uri={uri}", cwd=tmp_path, timeout=300)
-    assert proc.returncode != 0
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    if case == "output_exists":
-        assert os.listdir(out) == ["keep.txt"]
-    else:
-        assert not out.exists()
-    mlc = tracking.client(uri)
-    exp = mlc.get_experiment_by_name("lstm-pipeline-predict")
-    if exp is not None:
-        assert mlc.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'") == []
+    pq.write_table(big, tmp_path / "in" / "part-3.parquet", row_group_size=100)  # fixed
+    lines = []
+    res = run_prediction(cfg, console=lines.append)
+    assert any(line.startswith("resumed: 3 of 4 input chunks") for line in lines), lines
+    out = pq.read_table(tmp_path / "out")
+    ids = out.column("id").to_pylist()
+    expected = [i for f in sorted((tmp_path / "in").iterdir()) for i in pq.read_table(f).column("id").to_pylist()]
+    assert res.rows == len(ids) == len(set(ids)) == 3600 and sorted(ids) == sorted(expected)
+    # The finished chunk was not redone: its files moved into place untouched.
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "chunk-00000").glob("*.parquet")} == first
+    assert not list((tmp_path / "out").rglob("_DONE.json"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 def test_predict_config_requires_model_input_output():
