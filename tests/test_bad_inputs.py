@@ -112,6 +112,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, trained):
     proc = run_cli(*args, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    print(f"{case} (exit {proc.returncode}): {lines[0] if lines else ''}")  # shown by pytest -rP
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert ":" in lines[0][len("error: "):]  # the problem, then what to do
