@@ -337,8 +337,9 @@ def read_shards(files: list[str], cfg: DataConfig, with_label: bool = True, row_
     import ray.data
 
     columns = [cfg.features_column] + ([cfg.label_column] if with_label else [])
-    return ray.data.read_parquet(files, columns=columns, file_extensions=None,
-                                 include_row_hash=row_hash)
+    ds = ray.data.read_parquet(files, file_extensions=None, include_row_hash=row_hash)
+    # Ray Data pushes the projection down into the Parquet read.
+    return ds.select_columns(columns + (["row_hash"] if row_hash else []))
 
 
 def _split_by_hash(batch: pa.Table, fraction: float, seed: int, keep_val: bool) -> pa.Table:

@@ -344,8 +344,8 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                     done += 1
                     continue
                 _remove(target)
-                ds = ray.data.read_parquet(chunk, columns=sorted({features_column, *keep}),
-                                           file_extensions=None)
+                ds = ray.data.read_parquet(chunk, file_extensions=None).select_columns(
+                    sorted({features_column, *keep}))
                 ds = ds.map_batches(
                     Predictor,
                     fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
