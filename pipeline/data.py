@@ -119,7 +119,6 @@ class DatasetInfo:
     n_features: int | None
     label_min: int | None
     label_max: int | None
-    has_id: bool = False
     problems: list[str] = field(default_factory=list)
     length_counts: dict[int, int] = field(default_factory=dict)
     """Sequences per length, over the rows whose values were read."""
@@ -140,11 +139,16 @@ def _add_counts(counts: dict[int, int], values: np.ndarray) -> None:
         counts[k] = counts.get(k, 0) + c
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URI (s3://, gs://, ...)."""
     if is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(path)
-        return pq.ParquetFile(fs.open_input_file(inner))
-    return pq.ParquetFile(path)
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    fs, inner = filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(inner))
 
 
 def _nested_depth_ok(tp: pa.DataType) -> tuple[bool, int | None]:
@@ -230,7 +234,6 @@ def inspect_files(files: list[str], cfg: DataConfig, what: str, need_label: bool
             continue
         schema = pf.schema_arrow
         problems = check_schema(path, schema, cfg, need_label)
-        info.has_id = info.has_id or (cfg.id_column is not None and cfg.id_column in schema.names)
         info.problems += problems
         if problems:
             continue

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline import tracking
 from pipeline.cluster import ray_connection
 from pipeline.config import DataConfig, PredictJobConfig, flatten, to_dict
-from pipeline.data import absolute, inspect_files, is_uri, list_shards, open_parquet
+from pipeline.data import absolute, filesystem, inspect_files, list_shards, open_parquet
 from pipeline.errors import DataError, PipelineError, collect
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
@@ -215,21 +215,15 @@ class Predictor:
 # --------------------------------------------------------------------------- the job
 
 
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
 def _exists(path: str) -> bool:
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
 def _confusion(output: str, label_column: str, num_classes: int) -> np.ndarray:
     """Confusion matrix [true, predicted] streamed from the written output's two int columns."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    fs, inner = _fs(output)
+    fs, inner = filesystem(output)
     dataset = pq.ParquetDataset(inner, filesystem=fs)
     for frag in dataset.fragments:
         for batch in frag.to_batches(columns=[label_column, "prediction"]):
@@ -402,7 +396,7 @@ def _chunks(files: list[str], chunk_bytes: int) -> list[list[str]]:
     chunks: list[list[str]] = [[]]
     size = 0
     for path in files:
-        fs, inner = _fs(path)
+        fs, inner = filesystem(path)
         nbytes = fs.get_file_info(inner).size or 0
         if chunks[-1] and size + nbytes > chunk_bytes:
             chunks.append([])
@@ -416,21 +410,21 @@ def _fingerprint(chunk: list[str]) -> list:
     """What a finished chunk was made from: paths, sizes and modification times."""
     out = []
     for path in chunk:
-        fs, inner = _fs(path)
+        fs, inner = filesystem(path)
         info = fs.get_file_info(inner)
         out.append([path, info.size, info.mtime_ns])
     return out
 
 
 def _mark_done(target: str, chunk: list[str]) -> None:
-    fs, inner = _fs(target)
+    fs, inner = filesystem(target)
     with fs.open_output_stream(f"{inner}/{DONE_MARKER}") as fh:
         fh.write(json.dumps(_fingerprint(chunk)).encode())
 
 
 def _chunk_done(target: str, chunk: list[str]) -> bool:
     """A chunk is skipped only if it finished from exactly the same input files."""
-    fs, inner = _fs(target)
+    fs, inner = filesystem(target)
     try:
         with fs.open_input_stream(f"{inner}/{DONE_MARKER}") as fh:
             return json.loads(fh.read()) == json.loads(json.dumps(_fingerprint(chunk)))
@@ -439,20 +433,20 @@ def _chunk_done(target: str, chunk: list[str]) -> bool:
 
 
 def _count_rows(path: str) -> int:
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     return sum(f.metadata.num_rows for f in pq.ParquetDataset(inner, filesystem=fs).fragments)
 
 
 def _publish(staging: str, output: str, overwrite: bool) -> None:
     """Move the finished staging directory into place (a rename on local disks)."""
-    fs, out_inner = _fs(output)
-    _, staging_inner = _fs(staging)
+    fs, out_inner = filesystem(output)
+    _, staging_inner = filesystem(staging)
     for info in fs.get_file_info(pafs.FileSelector(staging_inner, recursive=True)):
         if info.base_name == DONE_MARKER:
             fs.delete_file(info.path)
     if overwrite and _exists(output):
         trash = f"{staging}.old"
-        fs.move(out_inner, _fs(trash)[1])
+        fs.move(out_inner, filesystem(trash)[1])
         fs.move(staging_inner, out_inner)
         _remove(trash)
     else:
@@ -460,7 +454,7 @@ def _publish(staging: str, output: str, overwrite: bool) -> None:
 
 
 def _remove(path: str) -> None:
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):
         shutil.rmtree(inner, ignore_errors=True)
     elif fs.get_file_info(inner).type != pafs.FileType.NotFound:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pipeline import tracking
 from pipeline.config import TrainJobConfig, dump_yaml, flatten, load_config, to_dict
-from pipeline.data import (SequenceCollate, TrainData, absolute, is_uri, make_datasets,
+from pipeline.data import (SequenceCollate, TrainData, absolute, filesystem, make_datasets,
                            validate_train_data)
 from pipeline.cluster import ray_connection
 from pipeline.errors import PipelineError, TrainingError
@@ -398,7 +398,7 @@ def _check_resumable(cfg: TrainJobConfig, run_id: str) -> None:
     import pyarrow.fs as pafs
 
     path = f"{cfg.train.storage_path.rstrip('/')}/{ray_run_name(cfg, run_id)}"
-    fs, inner = pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
+    fs, inner = filesystem(path)
     if fs.get_file_info(f"{inner}/checkpoint_manager_snapshot.json").type == pafs.FileType.NotFound:
         raise PipelineError(f"run {run_id} has no checkpoint under {path}: it stopped before its "
                             "first epoch ended, or train.storage_path differs; train it anew")
