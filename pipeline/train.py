@@ -169,6 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, cfg)
     start_epoch, step, best, stale = 0, 0, None, 0
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu",
@@ -394,14 +396,33 @@ def config_for_resume(run_id: str, overrides: list[str]) -> tuple[TrainJobConfig
     return cfg, dump_yaml(cfg)
 
 
-def _check_resumable(cfg: TrainJobConfig, run_id: str) -> None:
+def resume_checkpoint(cfg: TrainJobConfig, run_id: str) -> str | None:
+    """Where `--resume` continues from. None: Ray Train restores by itself from the run directory's
+    checkpoint_manager_snapshot.json. A path: a crash came after a checkpoint was written but
+    before Ray recorded it in the snapshot (the controller writes it after the report), so the
+    newest checkpoint that loads completely is used instead."""
+    import io
+
     import pyarrow.fs as pafs
 
     path = f"{cfg.train.storage_path.rstrip('/')}/{ray_run_name(cfg, run_id)}"
     fs, inner = filesystem(path)
-    if fs.get_file_info(f"{inner}/checkpoint_manager_snapshot.json").type == pafs.FileType.NotFound:
+    if fs.get_file_info(f"{inner}/checkpoint_manager_snapshot.json").type == pafs.FileType.File:
+        return None
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_file(f"{info.path}/{CHECKPOINT_FILE}") as f:
+                state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            found.append((state["epoch"], info.base_name))
+        except Exception:  # noqa: BLE001  (absent or half-written: not a checkpoint to resume)
+            continue
+    if not found:
         raise PipelineError(f"run {run_id} has no checkpoint under {path}: it stopped before its "
                             "first epoch ended, or train.storage_path differs; train it anew")
+    return f"{path}/{max(found)[1]}"
 
 
 def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
@@ -422,8 +443,9 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
             f"{data.n_features} features, {data.num_classes} classes")
     uri, mlc, exp_id = tracking.open_experiment(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    resume_from = None
     if resume_run_id is not None:
-        _check_resumable(cfg, resume_run_id)
+        resume_from = resume_checkpoint(cfg, resume_run_id)
         exp_id = mlc.get_run(resume_run_id).info.experiment_id
 
     meta = {
@@ -472,7 +494,7 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
             resolved = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
             for warning in check_shared_paths(resolved, sum(n["Alive"] for n in ray.nodes())):
                 console(f"WARNING: {warning}")
-            result = _fit(cfg, data, meta, run_id, uri, console)
+            result = _fit(cfg, data, meta, run_id, uri, console, resume_from)
         best_ckpt, best_metrics = min(result.best_checkpoints or [(result.checkpoint, result.metrics)],
                                       key=lambda cm: cm[1]["val_loss"])
         with best_ckpt.as_directory() as path:
@@ -501,7 +523,7 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
 
 
 def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str, uri: str,
-         console: Callable[[str], None]):
+         console: Callable[[str], None], resume_from: str | None = None):
     """Run the TorchTrainer, printing one line per epoch; returns Ray Train's Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -513,7 +535,7 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "meta": meta, "run_id": run_id, "tracking_uri": uri,
-                           "progress": progress},
+                           "progress": progress, "resume_from": resume_from},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

@@ -10,10 +10,12 @@ import time
 import mlflow  # noqa: F401  (imported before the threads: concurrent first imports of mlflow race)
 import psutil
 import pytest
+import torch
 
 from conftest import cli_env, run_cli, small_config
 from pipeline import tracking
-from pipeline.train import run_training
+from pipeline.errors import PipelineError
+from pipeline.train import config_for_resume, resume_checkpoint, run_training
 
 
 def _history(mlc, run_id, key):
@@ -87,6 +89,14 @@ def test_kill_the_driver_then_resume_into_the_same_run(synth_dir, tmp_path):
             run_id = line.split()[2]
         if line.startswith("epoch 1/3"):
             break
+    # Ray records a checkpoint in the snapshot just after the report that printed the line; wait
+    # for it so this test takes the usual path (the other one is checked at the end).
+    snapshot = next(iter((tmp_path / "ray_results").glob("*/checkpoint_manager_snapshot.json")), None)
+    deadline = time.time() + 60
+    while snapshot is None and time.time() < deadline:
+        time.sleep(0.2)
+        snapshot = next(iter((tmp_path / "ray_results").glob("*/checkpoint_manager_snapshot.json")), None)
+    assert snapshot is not None
     # A crash, not a shutdown: the whole process group (driver and the Ray it started) dies.
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -105,6 +115,23 @@ def test_kill_the_driver_then_resume_into_the_same_run(synth_dir, tmp_path):
     assert run.info.status == "FINISHED" and "--resume" in run.data.tags["resumed_with"]
     assert [s for s, _ in _history(mlc, run_id, "val_loss")] == [1, 2, 3, 4]
     assert len(mlc.search_runs([run.info.experiment_id])) == 1
+
+    # A crash between a checkpoint's upload and its snapshot entry: resume from the newest
+    # checkpoint that loads, skipping a half-written one, and refuse when none is left.
+    cfg, _ = config_for_resume(run_id, [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                        f"train.storage_path={tmp_path / 'ray_results'}"])
+    assert resume_checkpoint(cfg, run_id) is None  # the snapshot is there: Ray restores by itself
+    snapshot.unlink()
+    saved = sorted(snapshot.parent.glob("checkpoint_*/checkpoint.pt"))
+    assert len(saved) >= 2
+    newest = max(saved, key=lambda p: torch.load(p, weights_only=True)["epoch"])
+    assert resume_checkpoint(cfg, run_id) == str(newest.parent)
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert resume_checkpoint(cfg, run_id) not in (None, str(newest.parent))
+    for p in saved:
+        p.unlink()
+    with pytest.raises(PipelineError, match="has no checkpoint under"):
+        resume_checkpoint(cfg, run_id)
 
 
 def test_resume_errors_are_one_line(tmp_path, synth_dir):
