@@ -1,0 +1,115 @@
+"""Memory: peak RSS of a training worker and of a predict actor at 1x and 8x the data.
+
+    python benchmarks/memory.py                             # 10k and 80k sequences, T=100, F=16
+    python benchmarks/memory.py --rows 1000 --val-rows 200 --length 20 --hidden 32 \\
+        --epochs 1 --scale 4                                # a quick check
+
+For each size, `run_training` (default config: 2 workers x 1 CPU) and then `run_prediction`
+(1 actor) over the same training shards run in this process, which starts the local Ray: every
+Ray process is then a descendant of this one. A thread polls them with psutil every
+`--interval` seconds and keeps each process's peak RSS and peak RSS minus shared pages (the Ray
+object store is shared memory: pages of blocks a worker reads count in its RSS but are not its
+own). Processes are told apart by Ray's process title: `ray::RayTrainWorker...` (training
+workers) and `ray::MapWorker(...Predictor...)` (predict actors). Target: the peak at 8x within 10%
+of the peak at 1x (ratio <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+KINDS = {"train worker": ("RayTrainWorker",), "predict actor": ("MapWorker", "Predictor")}
+
+
+class Poller:
+    """Peak RSS per process kind over this process's descendants, while active."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.peak: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for p in me.children(recursive=True):
+                try:
+                    title = " ".join(p.cmdline())
+                    mem = p.memory_info()
+                except (psutil.Error, OSError):
+                    continue
+                for kind, marks in KINDS.items():
+                    if any(m in title for m in marks):
+                        cur = self.peak.setdefault(kind, {"rss": 0, "private": 0})
+                        cur["rss"] = max(cur["rss"], mem.rss)
+                        cur["private"] = max(cur["private"], mem.rss - getattr(mem, "shared", 0))
+            self._stop.wait(self.interval)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_size_args(ap, epochs=2, rounds=1)
+    ap.add_argument("--scale", type=int, default=8, help="the larger dataset is this many times --rows")
+    ap.add_argument("--interval", type=float, default=0.2, help="seconds between RSS samples")
+    args = ap.parse_args()
+
+    from pipeline.config import PredictJobConfig, load_config
+    from pipeline.predict import run_prediction
+
+    work = common.workdir(args)
+    base_rows, base_val = args.rows, args.val_rows
+    peaks: dict[int, dict[str, dict[str, int]]] = {}
+    for scale in (1, args.scale):
+        args.rows, args.val_rows = base_rows * scale, base_val * scale
+        data = common.write_data(os.path.join(work, f"data-{scale}x"), args)
+        with Poller(args.interval) as poll:
+            res = common.run_pipeline(data, work, args, [f"data.batch_size={args.batch // 2}"])
+            cfg = load_config(PredictJobConfig, None, [
+                f"predict.model={res['model_uri']}", f"predict.input_path={data}/train",
+                f"predict.output_path={work}/pred-{scale}x", "predict.overwrite=true",
+                f"tracking.tracking_uri={res['tracking_uri']}"])
+            run_prediction(cfg, console=lambda _: None)
+        peaks[scale] = poll.peak
+        print(f"{scale}x ({args.rows} sequences): " + "  ".join(
+            f"{k} peak RSS {v['rss'] / 2**20:.0f} MiB (private {v['private'] / 2**20:.0f} MiB)"
+            for k, v in poll.peak.items()), flush=True)
+
+    print()
+    rows, verdicts = [], []
+    for kind in KINDS:
+        small, big = peaks[1].get(kind), peaks[args.scale].get(kind)
+        if not small or not big:
+            rows.append([kind, "not seen", "", "", ""])
+            continue
+        for what in ("rss", "private"):
+            ratio = big[what] / small[what]
+            rows.append([kind, what, f"{small[what] / 2**20:.0f}", f"{big[what] / 2**20:.0f}",
+                         f"{ratio:.2f}"])
+            verdicts.append(f"target {kind} peak {what} {args.scale}x/1x <= 1.10: {ratio:.2f}  "
+                            f"{common.verdict(ratio, 1.10, higher=False)}")
+    print(common.table(rows, ["process", "measure", "1x MiB", f"{args.scale}x MiB", "ratio"]))
+    print()
+    print("\n".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()

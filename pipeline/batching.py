@@ -1,0 +1,86 @@
+"""Length bucketing: batches of similar-length sequences, so a batch pads to less.
+
+With skewed lengths (most short, a few long), a plain batch of 256 rows almost always holds one
+long sequence and is padded to it; the LSTM then runs that many time steps for the whole batch
+(packing skips the padded rows' work, not the per-step cost). Bucketing takes a *window* of
+`window x batch_size` consecutive rows from a worker's stream, orders them by length (ties in a
+seeded random order), cuts the window into batches of `batch_size`, and yields those batches in a
+seeded random order. Every row still appears exactly once per epoch, the number of batches is the
+same as without bucketing, and a window whose rows all have the same length passes through
+untouched (fixed-length data keeps its order).
+
+What changes is the data order: a batch holds rows of similar length from one window (rows never
+move between windows), and the batch order within a window is shuffled per epoch. The random
+choices depend only on (seed, epoch, rank, window number), so a run and its restart from a
+checkpoint see the same batches.
+
+    for table in bucketed_batches(shard.iter_batches(batch_size=8 * 256, batch_format="pyarrow"),
+                                  batch_size=256, column="features", seed=0, epoch=3):
+        batch = collate(table)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def sequence_lengths(table: pa.Table, column: str) -> np.ndarray:
+    """Steps per row of a list column (nulls count as 0; collate reports them)."""
+    col = table.column(column)
+    return pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+
+
+def bucket_window(table: pa.Table, batch_size: int, column: str,
+                  rng: np.random.Generator) -> list[pa.Table]:
+    """One window -> its batches: rows ordered by length (random among equal lengths), cut into
+    `batch_size` slices, the slices in random order. Equal lengths everywhere: plain slices."""
+    n = table.num_rows
+    if n == 0:
+        return []
+    lengths = sequence_lengths(table, column)
+    starts = list(range(0, n, batch_size))
+    if lengths.min() == lengths.max():
+        return [table.slice(s, batch_size) for s in starts]
+    tie_break = rng.permutation(n)
+    order = tie_break[np.argsort(lengths[tie_break], kind="stable")]
+    ordered = table.take(pa.array(order))
+    rng.shuffle(starts)
+    return [ordered.slice(s, batch_size) for s in starts]
+
+
+def bucketed_batches(windows: Iterable[pa.Table], batch_size: int, column: str, seed: int,
+                     epoch: int, rank: int = 0) -> Iterator[pa.Table]:
+    """Batches of `batch_size` rows (the last of the last window may be smaller) from windows of
+    rows, e.g. `iter_batches(batch_size=window * batch_size, batch_format="pyarrow")`."""
+    for i, table in enumerate(windows):
+        if not isinstance(table, pa.Table):
+            table = pa.table(table)
+        rng = np.random.default_rng([seed, epoch, rank, i])
+        yield from bucket_window(table, batch_size, column, rng)
+
+
+def padding_fraction(lengths: Iterable[np.ndarray]) -> float:
+    """Padded (wasted) steps / all steps over batches given by their per-row lengths."""
+    padded = valid = 0
+    for lens in lengths:
+        lens = np.asarray(lens)
+        if len(lens):
+            padded += int(lens.max()) * len(lens)
+            valid += int(lens.sum())
+    return 1.0 - valid / padded if padded else 0.0
+
+
+def training_batches(shard, collate, batch_size: int, window: int, column: str, seed: int,
+                     epoch: int, rank: int = 0, prefetch_batches: int = 1) -> Iterable:
+    """A worker's collated training batches for one epoch from its Ray Data shard: bucketed
+    when `window > 1`, else Ray Data's own batching (`iter_torch_batches`)."""
+    if window <= 1:
+        return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device="cpu",
+                                        prefetch_batches=prefetch_batches)
+    windows = shard.iter_batches(batch_size=window * batch_size, batch_format="pyarrow",
+                                 prefetch_batches=prefetch_batches)
+    return map(collate, bucketed_batches(windows, batch_size, column, seed, epoch, rank))
