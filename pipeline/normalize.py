@@ -1,0 +1,108 @@
+"""Per-feature (and regression target) statistics of the training split, in one streaming pass.
+
+Ray Data maps every training batch to its count, mean and sum of squared deviations per feature
+(over all valid time steps), and the driver merges those partial moments exactly (Chan et al.'s
+parallel update), so the result equals numpy's mean and population std (ddof=0) over the split
+without holding it. With a `val_fraction` split, the pass reads the already-split training
+dataset, so validation rows never contribute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def _moments(values: np.ndarray) -> tuple[int, list[float], list[float]]:
+    n = len(values)
+    if n == 0:
+        return 0, [0.0] * values.shape[1], [0.0] * values.shape[1]
+    mean = values.mean(axis=0)
+    return n, mean.tolist(), ((values - mean) ** 2).sum(axis=0).tolist()
+
+
+def label_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A scalar or list<number> label column -> float64 [rows, outputs]."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) \
+            or pa.types.is_fixed_size_list(column.type):
+        widths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        width = int(widths[0]) if len(widths) else 1
+        if len(widths) and (widths != width).any():
+            raise ValueError(f"labels of different lengths ({width} and "
+                             f"{int(widths[widths != width][0])}): every row needs the same "
+                             "number of target values")
+        values = column.flatten().cast(pa.float64()).to_numpy(zero_copy_only=False)
+        return values.reshape(len(column), width)
+    return column.cast(pa.float64()).to_numpy(zero_copy_only=False).reshape(-1, 1)
+
+
+def batch_moments(batch: pa.Table, features_column: str, label_column: str | None,
+                  n_features: int) -> pa.Table:
+    """One batch's partial moments (a one-row table), or the reason the batch is bad (`error`):
+    bad values must not become NaN statistics; the driver raises the same error training would."""
+    from pipeline.model import pad_arrow
+
+    try:
+        x, lengths, width = pad_arrow(batch.column(features_column))
+        if len(lengths) and width != n_features:
+            raise ValueError(f"a batch has {width} features per step, expected {n_features}")
+        mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
+        n, mean, m2 = _moments(x[mask].astype(np.float64))
+        row = {"n": [n], "mean": [mean], "m2": [m2], "error": pa.array([None], pa.string())}
+        if label_column is not None:
+            y = label_matrix(batch.column(label_column))
+            if not np.isfinite(y).all():
+                raise ValueError("null, NaN or inf labels")
+            ln, lmean, lm2 = _moments(y)
+            row |= {"ln": [ln], "lmean": [lmean], "lm2": [lm2]}
+    except ValueError as exc:
+        row = {"n": [0], "mean": [[0.0] * n_features], "m2": [[0.0] * n_features],
+               "error": [str(exc)]}
+        if label_column is not None:
+            row |= {"ln": [0], "lmean": [[0.0]], "lm2": [[0.0]]}
+    return pa.table(row)
+
+
+def merge(parts: list[tuple[int, list[float], list[float]]]) -> dict[str, list[float]] | None:
+    """Exact merge of partial (count, mean, M2) -> {"mean", "std", "count"} (population std)."""
+    n, mean, m2 = 0, None, None
+    for nb, mb, m2b in parts:
+        if nb == 0:
+            continue
+        mb, m2b = np.asarray(mb, dtype=np.float64), np.asarray(m2b, dtype=np.float64)
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        total = n + nb
+        delta = mb - mean
+        mean = mean + delta * nb / total
+        m2 = m2 + m2b + delta ** 2 * n * nb / total
+        n = total
+    if mean is None:
+        return None
+    std = np.sqrt(m2 / n)
+    return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist(), "count": int(n)}
+
+
+def compute(train_ds, features_column: str, label_column: str | None, n_features: int
+            ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(feature statistics, target statistics or None) of a Ray Dataset, one streaming pass."""
+    rows = train_ds.map_batches(
+        batch_moments, batch_format="pyarrow", batch_size=4096,
+        fn_kwargs=dict(features_column=features_column, label_column=label_column,
+                       n_features=n_features),
+    ).take_all()
+    bad = [r["error"] for r in rows if r.get("error")]
+    if bad:
+        from pipeline.data import CHECK_HINT
+        from pipeline.errors import DataError
+
+        raise DataError(f"bad training data: {bad[0]}: {CHECK_HINT}")
+    features = merge([(r["n"], r["mean"], r["m2"]) for r in rows])
+    target = merge([(r["ln"], r["lmean"], r["lm2"]) for r in rows]) if label_column else None
+    return features, target

@@ -1,0 +1,104 @@
+"""Real UEA/UCR time-series classification data from the files the `aeon` wheel ships.
+
+    pip install 'lstm-pipeline[uea]'
+    lstm-pipeline data uea JapaneseVowels --out data/vowels
+
+aeon carries a few archive datasets inside its wheel (aeon/datasets/data/NAME/NAME_TRAIN.ts and
+NAME_TEST.ts: JapaneseVowels, BasicMotions, GunPoint, ArrowHead, ItalyPowerDemand, OSULeaf, ...).
+Only those are offered: aeon's own loader reads the shipped files, and a name that is not shipped
+is refused here instead of being downloaded. The archive's TRAIN split becomes OUT/train, its
+TEST split OUT/val; string class labels become indices with the names kept as `data prepare`
+keeps them (OUT/dataset.json and the shards' schema metadata).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError
+from pipeline.prepare import DATASET_FILE, META_KEY
+
+
+def shipped_dir() -> str:
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("`data uea` needs aeon, which ships the UEA/UCR files: "
+                        "pip install 'lstm-pipeline[uea]'")
+    return os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
+
+
+def shipped_names() -> list[str]:
+    root = shipped_dir()
+    return sorted(n for n in os.listdir(root)
+                  if os.path.isfile(os.path.join(root, n, f"{n}_TRAIN.ts"))
+                  and os.path.isfile(os.path.join(root, n, f"{n}_TEST.ts")))
+
+
+def _table(X, y, names: list[str], split: str) -> pa.Table:
+    """aeon's (channels, length) series -> time-major list<list<float32>> rows."""
+    series = [np.asarray(x, dtype=np.float32).T for x in X]  # [length, channels]
+    lengths = np.array([len(s) for s in series])
+    values = np.concatenate(series)
+    width = values.shape[1]
+    steps = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (len(values) + 1) * width, width, dtype=np.int32)),
+        pa.array(values.reshape(-1)))
+    features = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), steps)
+    index = {n: i for i, n in enumerate(names)}
+    return pa.table({
+        "id": pa.array([f"{split}-{i:05d}" for i in range(len(series))]),
+        "features": features,
+        "label": pa.array([index[str(v)] for v in y], type=pa.int64()),
+    })
+
+
+def write_uea(name: str, out: str, overwrite: bool = False) -> dict:
+    """Write OUT/train, OUT/val and OUT/dataset.json for the shipped dataset NAME."""
+    available = shipped_names()
+    if name not in available:
+        raise DataError(f"{name!r} is not among the UEA/UCR datasets shipped in the aeon wheel "
+                        f"(nothing is downloaded): choose one of {', '.join(available)}")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and os.listdir(out) and not overwrite:
+        raise DataError(f"--out {out} already exists and is not empty: pass --overwrite or "
+                        "choose another --out")
+    from aeon.datasets import load_classification
+
+    splits = {}
+    for split, aeon_split in (("train", "train"), ("val", "test")):
+        X, y = load_classification(name, split=aeon_split, extract_path=shipped_dir())
+        splits[split] = (X, [str(v) for v in y])
+    names = sorted(set(splits["train"][1]) | set(splits["val"][1]))
+    facts = {"source": f"aeon {name} (UEA/UCR archive, shipped in the aeon wheel)",
+             "task": "classification", "class_names": names}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.uea-", dir=os.path.dirname(out))
+    try:
+        counts = {}
+        for split, (X, y) in splits.items():
+            table = _table(X, y, names, split)
+            facts.setdefault("features", [f"channel_{j}" for j in
+                                          range(len(table.column("features")[0].as_py()[0]))])
+            os.makedirs(os.path.join(staging, split))
+            pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(facts).encode()}),
+                           os.path.join(staging, split, "part-00000.parquet"))
+            counts[split] = table.num_rows
+        facts["examples"] = counts
+        with open(os.path.join(staging, DATASET_FILE), "w") as fh:
+            json.dump(facts, fh, indent=2)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        return facts
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
