@@ -3,6 +3,8 @@
     lstm-pipeline data synth --out data/synth                  # train/ and val/ shards
     lstm-pipeline data synth --out data/big --rows 100000 --max-length 200 --overwrite
     lstm-pipeline data check data/synth/train                  # every row; exit 2 when invalid
+    lstm-pipeline data prepare --input readings.csv --out data/readings --id-col id --time-col t \
+        --label-col state                                      # a table of readings -> shards
     python -m jobs.data check data/synth/val
 """
 
@@ -53,16 +55,107 @@ def synth(out, rows, val_rows, n_features, num_classes, min_length, max_length, 
                f"{min_length}-{max_length}) to {out}")
 
 
+def _columns(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+@data.command()
+@click.option("--input", "inputs", required=True, multiple=True,
+              help="The long-format table: CSV or Parquet files or directories (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory to create: OUT/train, OUT/val shards and OUT/dataset.json.")
+@click.option("--id-col", required=True, help="Sequence id column.")
+@click.option("--time-col", required=True, help="Time step column (sorted within each sequence).")
+@click.option("--feature-cols", help="Comma-separated numeric feature columns "
+                                     "(default: every numeric column but id, time and label).")
+@click.option("--label-col", help="Per-sequence label: strings (class names), integers (class "
+                                  "indices) or floats (regression).")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              help="Fraction of sequence ids held out for validation (seeded).")
+@click.option("--shards", default=4, show_default=True,
+              help="Parquet files per split; memory use is about one shard's rows.")
+@click.option("--missing", type=click.Choice(["error", "ffill", "drop"]), default="error",
+              show_default=True, help="Missing feature values: fail, fill forward within the "
+                                      "sequence, or drop the rows.")
+@click.option("--window", type=int, help="Forecasting: past steps per example.")
+@click.option("--horizon", default=1, show_default=True,
+              help="Forecasting: predict the next H values of --target-col (H outputs).")
+@click.option("--target-col", help="Forecasting: column to forecast (default: the only feature).")
+@click.option("--stride", default=1, show_default=True,
+              help="Forecasting: steps between consecutive windows.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the train/validation split.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@user_errors
+def prepare(inputs, out, id_col, time_col, feature_cols, label_col, val_fraction, shards, missing,
+            window, horizon, target_col, stride, seed, overwrite) -> None:
+    """Turn a table of readings (one row per sequence id and time step) into sequence shards.
+
+    Rows are sorted by time within each sequence and split into train/validation by sequence id.
+    String labels become class indices; the names are kept in OUT/dataset.json and in the shards,
+    and training stores them with the model. With --window L --horizon H each series becomes
+    forecasting examples: L past steps -> the next H values of --target-col.
+    """
+    from pipeline.prepare import PrepareSpec
+    from pipeline.prepare import prepare as run_prepare
+
+    spec = PrepareSpec(input=list(inputs), out=out, id_col=id_col, time_col=time_col,
+                       feature_cols=_columns(feature_cols), label_col=label_col,
+                       val_fraction=val_fraction, shards=shards, seed=seed, missing=missing,
+                       window=window, horizon=horizon, target_col=target_col, stride=stride,
+                       overwrite=overwrite)
+    result = run_prepare(spec)
+    f = result.facts
+    what = "forecasting windows" if f["window"] else "sequences"
+    click.echo(f"read {f['input_rows']} rows of {f['sequences']} sequences; wrote "
+               f"{result.counts['train']} training and {result.counts['val']} validation {what} "
+               f"to {result.out}")
+    click.echo(f"features:    {', '.join(f['features'])}")
+    if f["class_names"]:
+        click.echo(f"classes:     {', '.join(f'{i}={n}' for i, n in enumerate(f['class_names']))}")
+    if f["window"]:
+        click.echo(f"forecast:    {f['window']} steps of {', '.join(f['features'])} -> next "
+                   f"{f['horizon']} value(s) of {f['target_column']}")
+    if f["task"] == "regression":
+        click.echo("train with:  model.task=regression")
+
+
+@data.command()
+@click.argument("name", required=False)
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory to create: OUT/train (the archive's TRAIN split), OUT/val (TEST).")
+@click.option("--list", "list_names", is_flag=True, help="List the datasets the aeon wheel ships.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@user_errors
+def uea(name, out, list_names, overwrite) -> None:
+    """Real UEA/UCR classification data from the files shipped inside the aeon wheel (the `uea`
+    extra); nothing is downloaded. E.g. `data uea JapaneseVowels --out data/vowels`."""
+    from pipeline.errors import DataError
+    from pipeline.uea import shipped_names, write_uea
+
+    if list_names:
+        click.echo("\n".join(shipped_names()))
+        return
+    if not name or not out:
+        raise DataError("give a dataset NAME and --out DIR (see --list for the names)")
+    facts = write_uea(name, out, overwrite)
+    click.echo(f"wrote {facts['examples']['train']} training and {facts['examples']['val']} "
+               f"validation sequences of {name} ({len(facts['features'])} channels, "
+               f"{len(facts['class_names'])} classes: {', '.join(facts['class_names'])}) to {out}")
+
+
 @data.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--features-column", default="features", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--no-label", is_flag=True, help="Unlabelled data (for prediction): skip label checks.")
+@click.option("--regression", is_flag=True,
+              help="Labels are regression targets (a number or a list of numbers per row).")
 @click.option("--num-classes", type=int, default=None, help="Also check labels are below this.")
 @click.option("--sample", "sample_rows", type=int, default=None,
               help="Check only the first N rows of each file (default: every row).")
 @user_errors
-def check(paths, features_column, label_column, no_label, num_classes, sample_rows) -> None:
+def check(paths, features_column, label_column, no_label, regression, num_classes,
+          sample_rows) -> None:
     """Validate shards (directories, globs or files) and print a summary."""
     from pipeline.config import DataConfig
     from pipeline.data import inspect_files, list_shards
@@ -72,7 +165,8 @@ def check(paths, features_column, label_column, no_label, num_classes, sample_ro
                      features_column=features_column, label_column=label_column,
                      num_classes=num_classes, sample_rows=sample_rows or 1)
     files = list_shards(list(paths), "data")
-    info = inspect_files(files, cfg, "data", need_label=not no_label, full_scan=sample_rows is None)
+    info = inspect_files(files, cfg, "data", need_label=not no_label, full_scan=sample_rows is None,
+                         regression=regression)
     problems = list(info.problems)
     if num_classes is not None and info.label_max is not None and info.label_max >= num_classes:
         problems.append(f"label {info.label_max} is out of range for {num_classes} classes")
@@ -85,6 +179,8 @@ def check(paths, features_column, label_column, no_label, num_classes, sample_ro
                + ("" if sample_rows is None else f"  (first {sample_rows} rows per file)"))
     if info.class_counts:
         click.echo("classes:     " + "  ".join(f"{k}:{v}" for k, v in sorted(info.class_counts.items())))
+    elif regression and not no_label:
+        click.echo(f"targets:     {info.num_outputs} per row")
     elif not no_label:
         click.echo(f"labels:      {info.label_min}..{info.label_max}")
     click.echo("ok")

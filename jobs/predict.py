@@ -35,7 +35,8 @@ def predict(config_path, model, input_path, output_path, overwrite, overrides) -
     The output has one row per input row: the passthrough columns (default: id, and label when
     present), `prediction` (class index), `label_name` when the model knows class names, and
     `probabilities` (list<float32>). With labels in the input, the MLflow run also gets the
-    accuracy, per-class precision/recall and a confusion matrix.
+    accuracy, per-class precision/recall and a confusion matrix. A regression model writes
+    `prediction` as a double (list<double> for a multi-step forecast) and logs MAE, RMSE, R^2.
     """
     quiet_libraries(progress_bars=True)
     from pipeline.config import PredictJobConfig, load_config
@@ -49,7 +50,7 @@ def predict(config_path, model, input_path, output_path, overwrite, overrides) -
     cfg = load_config(PredictJobConfig, config_path, list(overrides),
                       values={k: v for k, v in flags.items() if v is not None})
     command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
-    run_prediction(cfg, command=command, console=click.echo)
+    run_prediction(cfg, command=command, config_path=config_path, console=click.echo)
 
 
 if __name__ == "__main__":

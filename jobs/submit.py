@@ -130,6 +130,11 @@ def build_runtime_env(root: Path, env: Mapping[str, str]) -> dict[str, Any]:
     # supervisor). Ray's 3 s default can cut off a training driver while it aborts its workers
     # and marks its MLflow run KILLED, leaving the run RUNNING forever.
     env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = env.get("RAY_JOB_STOP_WAIT_TIME_S") or STOP_WAIT_S
+    # The working_dir upload leaves .git out: the job records the submitting checkout's commit.
+    from pipeline.report import GIT_COMMIT_ENV, git_commit
+
+    if git_commit():
+        env_vars[GIT_COMMIT_ENV] = git_commit()
     return {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env_vars}
 
 

@@ -49,15 +49,20 @@ def train(config_path: str | None, resume_run_id: str | None, overrides: tuple[s
         cfg = load_config(TrainJobConfig, config_path, list(overrides))
         text = dump_yaml(cfg)
     command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
-    result = run_training(cfg, config_text=text, command=command, resume_run_id=resume_run_id,
-                          console=click.echo)
+    result = run_training(cfg, config_text=text, command=command, config_path=config_path,
+                          resume_run_id=resume_run_id, console=click.echo)
     click.echo("")
     click.echo(f"run id:          {result.run_id}")
     if result.version:
         alias = f" (alias @{cfg.tracking.alias})" if cfg.tracking.alias else ""
         click.echo(f"registered:      models:/{result.registered_name}/{result.version}{alias}")
     click.echo(f"model:           {result.model_uri}")
-    click.echo(f"val accuracy:    {result.val_accuracy:.4f} (best val_loss {result.val_loss:.4f})")
+    if "val_rmse" in result.val_metrics:
+        m = result.val_metrics
+        click.echo(f"val RMSE:        {m['val_rmse']:.4f}  MAE {m['val_mae']:.4f}  R2 {m['val_r2']:.4f} "
+                   f"(best val_loss {result.val_loss:.4f})")
+    else:
+        click.echo(f"val accuracy:    {result.val_accuracy:.4f} (best val_loss {result.val_loss:.4f})")
     ui = "lstm-pipeline ui" if result.tracking_uri.startswith("sqlite:") else f"open {result.tracking_uri}"
     click.echo(f"open the UI:     {ui}"
                + (f" --tracking-uri {result.tracking_uri}" if ui == "lstm-pipeline ui"

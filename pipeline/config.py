@@ -43,10 +43,22 @@ class DataConfig:
     """Optional names for the classes, index-aligned; stored with the model."""
     batch_size: int = 128
     """Sequences per batch on each worker."""
+    bucket_window: int = 8
+    """Length bucketing for training: each worker takes windows of `bucket_window x batch_size`
+    consecutive rows, orders each window by sequence length, cuts it into batches and shuffles
+    their order (seeded by train.seed, the epoch and the worker). Batches then hold rows of similar
+    length and pad to less, which is much faster on skewed lengths. Rows stay in their window and
+    every row is seen once per epoch; windows whose rows all have one length (fixed-length data)
+    are left in order. 0 or 1 turns it off; validation is never bucketed."""
     sample_rows: int = 2048
     """Rows per file checked up front (values); schemas and metadata of every file are always checked."""
     seed: int = 0
     """Seed for the validation split."""
+    normalize: bool = True
+    """Standardize each feature with the mean and standard deviation of the training split
+    (one streaming pass before training); the statistics are stored with the model, so batch
+    predict and the pyfunc model apply the same. Regression targets are standardized the same
+    way for the loss; predictions come back in the target's units."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -58,6 +70,8 @@ class DataConfig:
             problems.append("set either data.val_path or data.val_fraction, not both")
         if self.batch_size < 1:
             problems.append("data.batch_size must be >= 1")
+        if self.bucket_window < 0:
+            problems.append("data.bucket_window must be >= 0 (0 or 1: no length bucketing)")
         if self.num_classes is not None and self.num_classes < 2:
             problems.append("data.num_classes must be >= 2")
         if self.class_names is not None and self.num_classes not in (None, len(self.class_names)):
@@ -77,6 +91,10 @@ class ModelConfig:
     """Dropout between LSTM layers and before the output layer."""
     bidirectional: bool = False
     """Run a second LSTM backwards over each sequence and concatenate both summaries."""
+    task: Literal["classification", "regression"] = "classification"
+    """classification: integer class labels, softmax head, cross-entropy. regression: float
+    labels (a number, or a list of numbers per row for multi-step forecasts) and a linear head
+    with one output per number; loss train.loss; metrics MAE, RMSE and R^2."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -118,8 +136,15 @@ class OptimConfig:
     """With lr_schedule=step: the decay factor."""
     early_stopping_patience: int | None = None
     """Stop after this many epochs without a better early_stopping_metric; null disables."""
-    early_stopping_metric: Literal["val_loss", "val_accuracy"] = "val_loss"
-    """The validation metric early stopping watches (lower loss / higher accuracy is better)."""
+    early_stopping_metric: Literal["val_loss", "val_accuracy", "val_rmse", "val_mae"] = "val_loss"
+    """The validation metric early stopping watches (higher accuracy, lower others is better);
+    val_accuracy for classification, val_rmse / val_mae for regression."""
+    loss: Literal["mse", "huber"] = "mse"
+    """Regression loss on standardized targets: mean squared error or Huber (robust to outliers).
+    Classification always uses cross-entropy."""
+    huber_delta: float = 1.0
+    """With loss=huber: where the loss turns from quadratic to linear, in target standard
+    deviations."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -180,8 +205,15 @@ class TrackingConfig:
     """Register the model under this name; null skips registration."""
     alias: str | None = "current"
     """Alias set on the new model version (`models:/NAME@current`). MLflow reserves `latest`."""
+    system_metrics: bool = True
+    """Log CPU, memory, disk, network (and GPU when present) of the rank-0 worker's node as
+    `system/...` metrics (MLflow's system metrics monitor; training only)."""
+    system_metrics_interval: float = 10.0
+    """Seconds between system metric samples."""
 
     def __post_init__(self) -> None:
+        if self.system_metrics_interval <= 0:
+            raise ConfigError("tracking.system_metrics_interval must be > 0 seconds")
         if self.alias is not None and self.alias.lower() == "latest":
             raise ConfigError("tracking.alias 'latest' is reserved by MLflow (models:/NAME/latest "
                               "already means the newest version): choose another alias, e.g. current")
@@ -194,6 +226,22 @@ class TrainJobConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        metric = self.train.early_stopping_metric
+        if self.model.task == "regression" and metric == "val_accuracy":
+            problems.append("train.early_stopping_metric val_accuracy needs model.task="
+                            "classification: use val_loss, val_rmse or val_mae for regression")
+        if self.model.task == "classification" and metric in ("val_rmse", "val_mae"):
+            problems.append(f"train.early_stopping_metric {metric} needs model.task=regression: "
+                            "use val_loss or val_accuracy for classification")
+        if self.model.task == "regression" and (self.data.num_classes or self.data.class_names):
+            problems.append("data.num_classes / data.class_names are for classification: drop them "
+                            "or set model.task=classification")
+        if self.train.huber_delta <= 0:
+            problems.append("train.huber_delta must be > 0")
+        collect(problems, ConfigError)
 
 
 # --------------------------------------------------------------------------- loading

@@ -3,6 +3,7 @@
 Shard format (one row per sequence):
     features  list<list<float32>>  time-major, [length, n_features] (fixed_size_list also accepted)
     label     integer              class index in [0, num_classes)
+              (model.task=regression: float, or list<float> of the same length in every row)
     id        any scalar, optional carried to predictions
 
 Validation happens on the driver before any cluster work and never reads a dataset whole: every
@@ -124,6 +125,8 @@ class DatasetInfo:
     """Sequences per length, over the rows whose values were read."""
     class_counts: dict[int, int] = field(default_factory=dict)
     """Rows per label (full scans only)."""
+    num_outputs: int | None = None
+    """Regression: numbers per label (1 for a scalar label)."""
 
     def length_percentiles(self, qs=(50, 90, 99, 100)) -> dict[int, int]:
         if not self.length_counts:
@@ -165,7 +168,14 @@ def _nested_depth_ok(tp: pa.DataType) -> tuple[bool, int | None]:
     return True, inner.list_size if pa.types.is_fixed_size_list(inner) else None
 
 
-def check_schema(path: str, schema: pa.Schema, cfg: DataConfig, need_label: bool = True) -> list[str]:
+def _is_number_or_numbers(tp: pa.DataType) -> bool:
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp):
+        tp = tp.value_type
+    return pa.types.is_floating(tp) or pa.types.is_integer(tp)
+
+
+def check_schema(path: str, schema: pa.Schema, cfg: DataConfig, need_label: bool = True,
+                 regression: bool = False) -> list[str]:
     """Problems with one file's schema: missing columns, wrong nesting or types."""
     problems = []
     names = schema.names
@@ -179,7 +189,16 @@ def check_schema(path: str, schema: pa.Schema, cfg: DataConfig, need_label: bool
                 f"{path}: column {cfg.features_column!r} is {schema.field(cfg.features_column).type}, "
                 "expected list<list<float>> (time-major [length, n_features])"
             )
-    if need_label:
+    if need_label and regression:
+        if cfg.label_column not in names:
+            problems.append(f"{path}: no {cfg.label_column!r} column (columns: {', '.join(names)}); "
+                            "set data.label_column or add the regression targets")
+        elif not _is_number_or_numbers(schema.field(cfg.label_column).type):
+            problems.append(
+                f"{path}: column {cfg.label_column!r} is {schema.field(cfg.label_column).type}, "
+                "expected a number or a list of numbers per row for model.task=regression"
+            )
+    elif need_label:
         if cfg.label_column not in names:
             problems.append(f"{path}: no {cfg.label_column!r} column (columns: {', '.join(names)}); "
                             "set data.label_column or add integer class labels")
@@ -219,8 +238,25 @@ def _label_range(pf: pq.ParquetFile, column: str) -> tuple[int | None, int | Non
     return lo, hi, nulls
 
 
+def _regression_labels(pf: pq.ParquetFile, column: str) -> tuple[int | None, str | None]:
+    """(numbers per label, problem) for a regression label column, read on its own."""
+    from pipeline.normalize import label_matrix
+
+    col = pf.read(columns=[column]).column(0)
+    if col.null_count:
+        return None, "null labels: every row needs its target value(s)"
+    try:
+        values = label_matrix(col)
+    except (ValueError, pa.ArrowInvalid) as exc:
+        return None, f"{exc}"
+    if len(values) and not np.isfinite(values).all():
+        row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+        return None, f"NaN or inf label in row {row}"
+    return (values.shape[1] if len(values) else None), None
+
+
 def inspect_files(files: list[str], cfg: DataConfig, what: str, need_label: bool = True,
-                  full_scan: bool = False) -> DatasetInfo:
+                  full_scan: bool = False, regression: bool = False) -> DatasetInfo:
     """Check every file's schema and metadata and a bounded sample of values (or all values)."""
     info = DatasetInfo(files=files, rows=0, n_features=None, label_min=None, label_max=None)
     widths: dict[int, str] = {}
@@ -233,12 +269,21 @@ def inspect_files(files: list[str], cfg: DataConfig, what: str, need_label: bool
                                  "rewrite it or remove it from the dataset")
             continue
         schema = pf.schema_arrow
-        problems = check_schema(path, schema, cfg, need_label)
+        problems = check_schema(path, schema, cfg, need_label, regression)
         info.problems += problems
         if problems:
             continue
         info.rows += pf.metadata.num_rows
-        if need_label:
+        if need_label and regression:
+            width, problem = _regression_labels(pf, cfg.label_column)
+            if problem:
+                info.problems.append(f"{path}: {problem}: fix or drop those rows")
+            elif width is not None and info.num_outputs not in (None, width):
+                info.problems.append(f"{what}: {path} has {width} target values per row, other "
+                                     f"files {info.num_outputs}: use one forecast horizon")
+            elif width is not None:
+                info.num_outputs = width
+        elif need_label:
             lo, hi, nulls = _label_range(pf, cfg.label_column)
             if nulls:
                 info.problems.append(f"{path}: null labels: every row needs a class index")
@@ -250,7 +295,8 @@ def inspect_files(files: list[str], cfg: DataConfig, what: str, need_label: bool
                                          "in [0, num_classes)")
         # Values: the first `sample_rows` rows, or every row for a full scan.
         budget = None if full_scan else cfg.sample_rows
-        columns = [cfg.features_column] + ([cfg.label_column] if need_label and full_scan else [])
+        columns = [cfg.features_column] + ([cfg.label_column] if need_label and full_scan
+                                           and not regression else [])
         row0 = 0
         try:
             for batch in pf.iter_batches(batch_size=min(budget or 8192, 8192), columns=columns):
@@ -298,21 +344,32 @@ class TrainData:
     num_classes: int
     train_rows: int
     val_rows: int | None
+    num_outputs: int | None = None
+    """Regression: outputs of the model (numbers per label); None for classification."""
 
 
-def validate_train_data(cfg: DataConfig) -> TrainData:
+def validate_train_data(cfg: DataConfig, regression: bool = False) -> TrainData:
     """All up-front data checks for training; raises DataError listing every problem."""
     train_files = list_shards(cfg.train_path, "data.train_path")
     val_files = list_shards(cfg.val_path, "data.val_path") if cfg.val_path is not None else None
-    train = inspect_files(train_files, cfg, "data.train_path")
+    train = inspect_files(train_files, cfg, "data.train_path", regression=regression)
     problems = list(train.problems)
     val = None
     if val_files is not None:
-        val = inspect_files(val_files, cfg, "data.val_path")
+        val = inspect_files(val_files, cfg, "data.val_path", regression=regression)
         problems += val.problems
         if not val.problems and not train.problems and val.n_features != train.n_features:
             problems.append(f"validation shards have {val.n_features} features per step, training "
                             f"shards {train.n_features}: use the same features in both")
+    if regression:
+        if val is not None and not problems and val.num_outputs != train.num_outputs:
+            problems.append(f"validation labels have {val.num_outputs} target values per row, "
+                            f"training labels {train.num_outputs}: use one forecast horizon")
+        collect(problems, DataError, "the data")
+        return TrainData(train_files=train_files, val_files=val_files,
+                         n_features=int(train.n_features), num_classes=0,
+                         train_rows=train.rows, val_rows=val.rows if val else None,
+                         num_outputs=int(train.num_outputs or 1))
     num_classes = cfg.num_classes
     if num_classes is None and train.label_max is not None:
         num_classes = max(int(train.label_max) + 1, 2)
@@ -379,8 +436,10 @@ class SequenceCollate(ArrowBatchCollateFn):
     """
 
     def __init__(self, features_column: str, label_column: str | None, num_classes: int | None,
-                 n_features: int | None = None):
+                 n_features: int | None = None, regression: bool = False):
+        """`regression`: labels are numbers (or lists of numbers) -> float32 [B, outputs]."""
         super().__init__()
+        self.regression = regression
         self.features_column = features_column
         self.label_column = label_column
         self.num_classes = num_classes
@@ -397,7 +456,17 @@ class SequenceCollate(ArrowBatchCollateFn):
             raise DataError(f"bad training data: a batch has {width} features per step, "
                             f"expected {self.n_features}: {CHECK_HINT}")
         out = {"x": torch.from_numpy(x), "lengths": torch.from_numpy(lengths)}
-        if self.label_column is not None:
+        if self.label_column is not None and self.regression:
+            from pipeline.normalize import label_matrix
+
+            try:
+                labels = label_matrix(batch.column(self.label_column)).astype(np.float32)
+            except (ValueError, pa.ArrowInvalid) as exc:
+                raise DataError(f"bad training data: {exc}: {CHECK_HINT}") from None
+            if not np.isfinite(labels).all():
+                raise DataError(f"bad training data: null, NaN or inf labels: {CHECK_HINT}")
+            out["label"] = torch.from_numpy(labels)
+        elif self.label_column is not None:
             labels = batch.column(self.label_column).to_numpy(zero_copy_only=False)
             if labels.dtype.kind not in "iu" or (self.num_classes is not None and len(labels) and
                                                  (labels.min() < 0 or labels.max() >= self.num_classes)):

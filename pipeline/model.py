@@ -38,7 +38,12 @@ class LSTMClassifier(nn.Module):
         num_layers: int = 1,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        normalization: dict[str, list[float]] | None = None,
+        target: dict[str, list[float]] | None = None,
     ):
+        """`normalization`: {"mean", "std"} per feature, applied to every input step.
+        `target`: {"mean", "std"} per output for regression: the head predicts the standardized
+        target and forward() returns it in the target's units."""
         super().__init__()
         self.lstm = nn.LSTM(
             input_size=n_features,
@@ -51,6 +56,22 @@ class LSTMClassifier(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
+        # Per-feature normalization and (regression) target scaling, from the training split's
+        # statistics in the model metadata; not in the state dict (the metadata is their source),
+        # so models trained without them load as before.
+        self.normalize = normalization is not None
+        if normalization is not None:
+            mean = torch.tensor(normalization["mean"], dtype=torch.float32)
+            std = torch.tensor(normalization["std"], dtype=torch.float32)
+            self.register_buffer("feature_mean", mean, persistent=False)
+            self.register_buffer("feature_scale", 1.0 / torch.where(std > 0, std, torch.ones_like(std)),
+                                 persistent=False)
+        self.regression = target is not None
+        if target is not None:
+            self.register_buffer("target_mean", torch.tensor(target["mean"], dtype=torch.float32),
+                                 persistent=False)
+            self.register_buffer("target_std", torch.tensor(target["std"], dtype=torch.float32),
+                                 persistent=False)
         # Start the forget gates open (bias 1, as Keras' unit_forget_bias does; Jozefowicz et al.
         # 2015) so the cell state carries information over long sequences from the first steps
         # of training. PyTorch's gate order in the bias is input, forget, cell, output.
@@ -60,7 +81,11 @@ class LSTMClassifier(nn.Module):
                     param[hidden_size:2 * hidden_size].fill_(1.0)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """x: [batch, time, features] zero-padded; lengths: [batch] valid steps. Returns logits."""
+        """x: [batch, time, features] zero-padded; lengths: [batch] valid steps. Returns logits
+        (classification) or predictions in the target's units [batch, outputs] (regression)."""
+        if self.normalize:
+            # Padding steps change too, but packing never reads them.
+            x = (x - self.feature_mean) * self.feature_scale
         # pack_padded_sequence wants the lengths on the CPU whatever the device of x.
         packed = pack_padded_sequence(
             x, lengths.detach().to("cpu", torch.int64), batch_first=True, enforce_sorted=False
@@ -73,15 +98,23 @@ class LSTMClassifier(nn.Module):
             summary = torch.cat([h_n[-2], h_n[-1]], dim=1)
         else:
             summary = h_n[-1]
-        return self.head(self.dropout(summary))
+        out = self.head(self.dropout(summary))
+        if self.regression:
+            out = out * self.target_std + self.target_mean
+        return out
 
 
 def build_model(meta: dict[str, Any]) -> LSTMClassifier:
     """Build the classifier from the model metadata stored in checkpoints and logged models."""
     arch = meta["model"]
+    regression = meta.get("task", "classification") == "regression"
     return LSTMClassifier(
         n_features=meta["n_features"],
-        num_classes=meta["num_classes"],
+        num_classes=meta["num_outputs"] if regression else meta["num_classes"],
+        normalization=meta.get("normalization"),
+        target=(meta.get("target_normalization") or {"mean": [0.0] * meta["num_outputs"],
+                                                     "std": [1.0] * meta["num_outputs"]})
+        if regression else None,
         hidden_size=arch["hidden_size"],
         num_layers=arch["num_layers"],
         dropout=arch["dropout"],
@@ -150,6 +183,14 @@ def predict_proba(module: nn.Module, x: np.ndarray, lengths: np.ndarray,
     return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
+@torch.inference_mode()
+def predict_values(module: nn.Module, x: np.ndarray, lengths: np.ndarray,
+                   device: str | torch.device = "cpu") -> np.ndarray:
+    """Regression predictions [B, outputs] (float32, in the target's units) for a padded batch."""
+    out = module(torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(lengths))
+    return out.float().cpu().numpy()
+
+
 @functools.cache
 def pyfunc_class() -> type:
     """The MLflow pyfunc wrapper class, built on first use so that importing this module (as
@@ -157,7 +198,9 @@ def pyfunc_class() -> type:
     import mlflow.pyfunc
 
     class LSTMPyfunc(mlflow.pyfunc.PythonModel):
-        """DataFrame with a `features` column -> prediction, probabilities[, label_name]."""
+        """DataFrame with a `features` column -> prediction, probabilities[, label_name]
+        (classification) or prediction: float, or list of floats for a multi-step forecast
+        (regression)."""
 
         def load_context(self, context) -> None:
             with open(context.artifacts["meta"]) as fh:
@@ -181,6 +224,10 @@ def pyfunc_class() -> type:
                     f"input has {n_features} features per step, the model was trained on "
                     f"{self.meta['n_features']}"
                 )
+            if self.meta.get("task") == "regression":
+                values = predict_values(self.module, x, lengths).astype(np.float64)
+                pred = values[:, 0] if values.shape[1] == 1 else list(values)
+                return pd.DataFrame({"prediction": pred})
             probs = self.predict_padded(x, lengths)
             pred = probs.argmax(axis=1).astype(np.int64)
             out = pd.DataFrame({"prediction": pred, "probabilities": list(probs.astype(np.float32))})

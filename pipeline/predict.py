@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import tracking
+from pipeline import report, tracking
 from pipeline.cluster import ray_connection
-from pipeline.config import DataConfig, PredictJobConfig, flatten, to_dict
-from pipeline.data import absolute, filesystem, inspect_files, list_shards, open_parquet
+from pipeline.config import DataConfig, PredictJobConfig, dump_yaml, flatten, to_dict
+from pipeline.data import (_is_number_or_numbers, absolute, filesystem, inspect_files, list_shards,
+                           open_parquet)
 from pipeline.errors import DataError, PipelineError, collect
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
@@ -191,19 +192,26 @@ class Predictor:
         self.features_column = features_column
         self.keep_columns = keep_columns
         self.class_names = meta.get("class_names")
+        self.regression = meta.get("task") == "regression"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.model import pad_arrow, predict_proba
+        from pipeline.model import pad_arrow, predict_proba, predict_values
 
         try:
             x, lengths, _ = pad_arrow(batch.column(self.features_column))
         except ValueError as exc:
             raise DataError(f"bad input rows: {exc}: run `lstm-pipeline data check --no-label PATH` "
                             "to find the file and row") from None
+        columns = {name: batch.column(name) for name in self.keep_columns}
+        if self.regression:  # prediction: a double, or list<double> for a multi-step forecast
+            values = predict_values(self.module, x, lengths, self.device).astype(np.float64)
+            n, h = values.shape
+            columns["prediction"] = pa.array(values[:, 0]) if h == 1 else pa.ListArray.from_arrays(
+                pa.array(np.arange(0, (n + 1) * h, h, dtype=np.int32)), pa.array(values.reshape(-1)))
+            return pa.table(columns)
         probs = predict_proba(self.module, x, lengths, self.device)
         pred = probs.argmax(axis=1).astype(np.int64)
         n, c = probs.shape
-        columns = {name: batch.column(name) for name in self.keep_columns}
         columns["prediction"] = pa.array(pred)
         columns["probabilities"] = pa.ListArray.from_arrays(
             pa.array(np.arange(0, (n + 1) * c, c, dtype=np.int32)), pa.array(probs.reshape(-1)))
@@ -234,38 +242,8 @@ def _confusion(output: str, label_column: str, num_classes: int) -> np.ndarray:
     return matrix
 
 
-def _log_confusion(mlc, run_id: str, matrix: np.ndarray, names: list[str] | None) -> dict[str, float]:
-    """Accuracy, per-class precision/recall, and the confusion matrix as a PNG artifact."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    total = matrix.sum()
-    metrics = {"accuracy": float(np.trace(matrix) / total) if total else 0.0}
-    for k in range(len(matrix)):
-        predicted, actual = matrix[:, k].sum(), matrix[k, :].sum()
-        metrics[f"precision_class_{k}"] = float(matrix[k, k] / predicted) if predicted else 0.0
-        metrics[f"recall_class_{k}"] = float(matrix[k, k] / actual) if actual else 0.0
-    labels = names or [str(k) for k in range(len(matrix))]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center",
-                color="white" if v > matrix.max() / 2 else "black")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"accuracy {metrics['accuracy']:.4f}")
-    fig.tight_layout()
-    mlc.log_figure(run_id, fig, "confusion_matrix.png")
-    plt.close(fig)
-    mlc.log_dict(run_id, {"labels": labels, "matrix": matrix.tolist()}, "confusion_matrix.json")
-    return metrics
-
-
 def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
+                   config_path: str | None = None,
                    console: Callable[[str], None] = print) -> PredictResult:
     """Validate, predict with Ray Data, write Parquet atomically, track in MLflow."""
     import ray
@@ -297,7 +275,9 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                         "or another model")
     schema = open_parquet(files[0]).schema_arrow
     names = set(schema.names)
-    has_label = cfg.data.label_column in names and pa.types.is_integer(
+    regression = model.meta.get("task") == "regression"
+    has_label = cfg.data.label_column in names and (
+        _is_number_or_numbers if regression else pa.types.is_integer)(
         schema.field(cfg.data.label_column).type)
     keep = p.passthrough_columns
     if keep is None:
@@ -314,10 +294,11 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
     tags = {"model_uri": model.uri, "model_name": str(model.name), "model_version": str(model.version),
             "model_run_id": str(model.run_id), "input_path": ",".join(files[:20]),
             "output_path": output}
-    if command:
-        tags["mlflow.note.content"] = f"```\n{command}\n```"
+    tags["mlflow.note.content"] = report.description(command, config_path, dump_yaml(cfg))
+    tags |= report.source_tags("predict")
     with tracking.tracked_run(mlc, exp_id, run_name, tags) as run_id:
         console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
+        report.log_datasets(mlc, run_id, [("predict", files, info.rows)], None)
         console(f"model: {model.uri} (run {model.run_id}); input: {info.rows} rows in {len(files)} files")
         tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
             "model.resolved_uri": model.uri, "model.name": model.name, "model.version": model.version,
@@ -364,16 +345,45 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
             seconds = time.perf_counter() - start
         metrics = {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
         accuracy = None
-        if has_label and cfg.data.label_column in keep:
-            metrics |= _log_confusion(mlc, run_id, _confusion(output, cfg.data.label_column,
+        if regression and has_label and cfg.data.label_column in keep:
+            metrics |= regression_metrics(output, cfg.data.label_column)
+        elif has_label and cfg.data.label_column in keep:
+            metrics |= report.log_confusion(mlc, run_id, _confusion(output, cfg.data.label_column,
                                                               model.meta["num_classes"]),
                                       model.meta.get("class_names"))
             accuracy = metrics["accuracy"]
         mlc.log_batch(run_id, metrics=_metric_list(metrics))
+        rmse_text = (f", RMSE {metrics['rmse']:.4f} MAE {metrics['mae']:.4f} R2 {metrics['r2']:.4f}"
+                     if "rmse" in metrics else "")
         console(f"predicted {rows} rows in {seconds:.1f}s ({rows / seconds:.0f} rows/s)"
-                f"{f', accuracy {accuracy:.4f}' if accuracy is not None else ''} -> {output}")
+                f"{f', accuracy {accuracy:.4f}' if accuracy is not None else ''}"
+                f"{rmse_text} -> {output}")
         return PredictResult(run_id=run_id, output_path=output, rows=rows, seconds=seconds,
                              rows_per_second=rows / seconds, accuracy=accuracy, model=model)
+
+
+def regression_metrics(output: str, label_column: str) -> dict[str, float]:
+    """MAE, RMSE and R^2 (uniform average over outputs) streamed from the written predictions."""
+    from pipeline.normalize import label_matrix
+
+    fs, inner = filesystem(output)
+    n, abs_sum, sq_sum = 0, 0.0, 0.0
+    y_sum = y2_sum = sse = 0.0
+    for frag in pq.ParquetDataset(inner, filesystem=fs).fragments:
+        for batch in frag.to_batches(columns=[label_column, "prediction"]):
+            y, p = label_matrix(batch.column(0)), label_matrix(batch.column(1))
+            err = p - y
+            n += len(y)
+            abs_sum += float(np.abs(err).sum())
+            sq_sum += float((err ** 2).sum())
+            y_sum, y2_sum = y_sum + y.sum(axis=0), y2_sum + (y ** 2).sum(axis=0)
+            sse = sse + (err ** 2).sum(axis=0)
+    if n == 0:
+        return {}
+    h = np.size(y_sum)
+    sst = np.asarray(y2_sum - np.asarray(y_sum) ** 2 / n, dtype=np.float64)
+    r2 = np.where(sst > 0, 1.0 - np.asarray(sse) / np.where(sst > 0, sst, 1.0), 0.0)
+    return {"mae": abs_sum / (n * h), "rmse": float(np.sqrt(sq_sum / (n * h))), "r2": float(r2.mean())}
 
 
 def _metric_list(metrics: dict[str, float]):

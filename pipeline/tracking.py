@@ -203,12 +203,33 @@ class MetricLogger:
             mlflow.flush_async_logging()
 
 
-def model_signature(class_names: list[str] | None):
+def system_metrics_monitor(uri: str, run_id: str, interval: float):
+    """Start MLflow's system metrics monitor (CPU, memory, disk, network; GPU through
+    nvidia-ml-py when present) for this process's node; it logs `system/...` metrics into the run,
+    continuing after the steps an earlier attempt logged. Returns it, to `finish()` at the end."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                   tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def model_signature(class_names: list[str] | None, task: str = "classification",
+                    num_outputs: int | None = None):
+    """classification: prediction (class index), probabilities[, label_name]; regression:
+    prediction, a double (one output) or an array of doubles (a multi-step forecast)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Schema
 
     outputs = [ColSpec("long", "prediction"), ColSpec(Array("float"), "probabilities")]
-    if class_names:
+    if task == "regression":
+        outputs = [ColSpec("double", "prediction") if (num_outputs or 1) == 1
+                   else ColSpec(Array("double"), "prediction")]
+    elif class_names:
         outputs.append(ColSpec("string", "label_name"))
     return ModelSignature(inputs=Schema([ColSpec(Array(Array("double")), "features")]),
                           outputs=Schema(outputs))
@@ -243,7 +264,8 @@ def log_model(run_id: str, uri: str, state_dict: dict, meta: dict, input_example
                 name="model",
                 python_model=MODEL_CODE,
                 artifacts={"weights": weights, "meta": meta_path},
-                signature=model_signature(meta.get("class_names")),
+                signature=model_signature(meta.get("class_names"), meta.get("task", "classification"),
+                                          meta.get("num_outputs")),
                 input_example=input_example,
                 pip_requirements=requirements,
             )

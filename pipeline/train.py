@@ -27,13 +27,15 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from pipeline import tracking
+from pipeline import report, tracking
 from pipeline.config import TrainJobConfig, dump_yaml, flatten, load_config, to_dict
 from pipeline.data import (SequenceCollate, TrainData, absolute, filesystem, make_datasets,
                            validate_train_data)
+from pipeline.batching import training_batches
 from pipeline.cluster import ray_connection
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.model import build_model
+from pipeline.objective import Objective
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -49,6 +51,8 @@ class TrainResult:
     val_accuracy: float
     val_loss: float
     checkpoint_path: str
+    val_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The best checkpoint's validation metrics (val_loss, val_accuracy or val_mae/rmse/r2)."""
 
 
 # --------------------------------------------------------------------------- per-worker loop
@@ -59,17 +63,27 @@ class NonFiniteLoss(TrainingError):
 
 
 def train_epoch(model, optimizer, batches: Iterable[dict], device, grad_clip: float | None,
-                on_step: Callable[[int, float], None], step: int, epoch: int) -> tuple[float, int, int]:
-    """One pass over `batches`; returns (summed loss, sequences seen, global step)."""
+                on_step: Callable[[int, float], None], step: int, epoch: int,
+                timing: dict[str, float] | None = None,
+                loss_fn: Callable | None = None) -> tuple[float, int, int]:
+    """One pass over `batches`; returns (summed loss, sequences seen, global step).
+    `loss_fn(output, label)` defaults to cross-entropy (see pipeline.objective for regression).
+
+    `timing`, when given, receives "data_wait" (seconds spent waiting for the next batch) and
+    "total" (seconds for the whole pass): two clock reads per step, no device sync.
+    """
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
     seen = 0
+    wait = 0.0
+    start = tick = time.perf_counter()
     for batch in batches:
+        wait += time.perf_counter() - tick
         x = batch["x"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x, batch["lengths"])
-        loss = F.cross_entropy(logits, y)
+        loss = (loss_fn or F.cross_entropy)(logits, y)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLoss(f"the training loss became {value} in epoch {epoch + 1} at step "
@@ -83,12 +97,17 @@ def train_epoch(model, optimizer, batches: Iterable[dict], device, grad_clip: fl
         total_loss += value * len(y)
         seen += len(y)
         on_step(step, value)
+        tick = time.perf_counter()
+    if timing is not None:
+        timing.update(data_wait=wait, total=time.perf_counter() - start)
     return float(total_loss), seen, step
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[dict], device) -> tuple[float, int, int]:
-    """(summed loss, correct predictions, sequences) over `batches`."""
+def evaluate(model, batches: Iterable[dict], device,
+             confusion: torch.Tensor | None = None) -> tuple[float, int, int]:
+    """(summed loss, correct predictions, sequences) over `batches`; adds counts into
+    `confusion[true, predicted]` when given."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for batch in batches:
@@ -96,8 +115,12 @@ def evaluate(model, batches: Iterable[dict], device) -> tuple[float, int, int]:
         y = batch["label"].to(device, non_blocking=True)
         logits = model(x, batch["lengths"])
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
+        predicted = logits.argmax(dim=1)
+        correct += int((predicted == y).sum())
         count += len(y)
+        if confusion is not None:
+            k = confusion.shape[0]
+            confusion += torch.bincount(y.cpu() * k + predicted.cpu(), minlength=k * k).view(k, k)
     return loss_sum, correct, count
 
 
@@ -109,6 +132,16 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _all_reduce_tensor(t: torch.Tensor, device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.to(device)
+    dist.all_reduce(out)
+    return out.cpu()
 
 
 def _unwrap(model):
@@ -126,7 +159,7 @@ def make_scheduler(optimizer, cfg: TrainJobConfig):
 def _improved(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
-    return value < best if metric == "val_loss" else value > best
+    return value > best if metric == "val_accuracy" else value < best
 
 
 def _rng_state() -> dict[str, Any]:
@@ -182,31 +215,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, step = state["epoch"] + 1, state["step"]
         best, stale = state["best"], state["stale"]
 
-    logger = None
+    logger = monitor = None
     if rank == 0:
         logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"])
+        if cfg.tracking.system_metrics:
+            # A sampling thread on this node; it stops by itself once the run is no longer RUNNING.
+            monitor = tracking.system_metrics_monitor(config["tracking_uri"], config["run_id"],
+                                                      cfg.tracking.system_metrics_interval)
     every = cfg.train.log_every_n_steps
 
     def on_step(step: int, loss: float) -> None:
         if logger is not None and step % every == 0:
             logger.log({"train_loss_step": loss}, step)
 
+    objective = Objective(meta, cfg.train.loss, cfg.train.huber_delta)
     collate = SequenceCollate(cfg.data.features_column, cfg.data.label_column,
-                              meta["num_classes"], meta["n_features"])
+                              meta["num_classes"], meta["n_features"], objective.regression)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_args = dict(batch_size=cfg.data.batch_size, collate_fn=collate, device="cpu")
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
+        timing: dict[str, float] = {}
+        train_batches = training_batches(train_shard, collate, cfg.data.batch_size,
+                                         cfg.data.bucket_window, cfg.data.features_column,
+                                         cfg.train.seed, epoch, rank)
         loss_sum, seen, step = train_epoch(
-            model, optimizer, train_shard.iter_torch_batches(**batch_args), device,
-            cfg.train.grad_clip, on_step, step, epoch,
+            model, optimizer, train_batches, device,
+            cfg.train.grad_clip, on_step, step, epoch, timing, loss_fn=objective.loss,
         )
         train_seconds = time.perf_counter() - t0
-        val_loss_sum, correct, count = evaluate(model, val_shard.iter_torch_batches(**batch_args), device)
-        loss_sum, seen, val_loss_sum, correct, count = _all_reduce_sum(
-            [loss_sum, seen, val_loss_sum, correct, count], device)
+        if objective.regression:  # loss, MAE, RMSE, R^2 from sums added across workers
+            val_sums = objective.evaluate(model, val_shard.iter_torch_batches(**batch_args), device)
+            loss_sum, seen, *val_sums = _all_reduce_sum([loss_sum, seen, *val_sums], device)
+            val_loss_sum, count, confusion = val_sums[0], val_sums[1], None
+        else:
+            confusion = torch.zeros(meta["num_classes"], meta["num_classes"], dtype=torch.int64)
+            val_loss_sum, correct, count = evaluate(model, val_shard.iter_torch_batches(**batch_args),
+                                                    device, confusion)
+            confusion = _all_reduce_tensor(confusion, device)
+            loss_sum, seen, val_loss_sum, correct, count = _all_reduce_sum(
+                [loss_sum, seen, val_loss_sum, correct, count], device)
         if count == 0:
             raise TrainingError("the validation set is empty: give data.val_path more rows or "
                                 "raise data.val_fraction")
@@ -217,10 +267,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step": step,
             "train_loss": loss_sum / max(seen, 1),
             "val_loss": val_loss_sum / count,
-            "val_accuracy": correct / count,
+            **(objective.metrics(val_sums) if objective.regression else {"val_accuracy": correct / count}),
             "learning_rate": lr,
             "sequences_per_second": seen / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
+            # Rank 0's share of its training pass spent waiting for the next batch.
+            "data_wait_fraction": timing["data_wait"] / max(timing["total"], 1e-9),
         }
         watched = metrics[cfg.train.early_stopping_metric]
         if _improved(cfg.train.early_stopping_metric, watched, best):
@@ -247,6 +299,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "config": to_dict(cfg),
                     "run_id": config["run_id"],
                     "meta": meta,
+                    # The validation confusion matrix of this epoch [true, predicted]: the driver
+                    # logs the best checkpoint's as the run's confusion matrix and per-class table.
+                    "val_confusion": confusion,
                 }, os.path.join(tmp, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             if config.get("progress") is not None:
@@ -257,6 +312,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
     if logger is not None:
         logger.flush(wait=True)
+    if monitor is not None:
+        monitor.finish()
 
 
 # --------------------------------------------------------------------------- driver
@@ -332,7 +389,9 @@ def _print_progress(queue, epochs: int, console: Callable[[str], None], stop: th
         done = m["epoch"]
         eta = m["epoch_seconds"] * (epochs - done)
         console(f"epoch {done}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-                f"val_acc {m['val_accuracy']:.4f}  {m['sequences_per_second']:.0f} seq/s  "
+                + (f"val_acc {m['val_accuracy']:.4f}  " if "val_accuracy" in m else
+                   f"val_rmse {m['val_rmse']:.4f}  val_r2 {m['val_r2']:.4f}  ")
+                + f"{m['sequences_per_second']:.0f} seq/s  "
                 f"{m['epoch_seconds']:.1f}s  ETA {eta:.0f}s")
         if m.get("early_stopped"):
             console(f"early stopping: no better validation metric for {patience} epochs")
@@ -358,6 +417,19 @@ def _interruptible():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_name_of(mlc, run_id: str) -> str:
+    return mlc.get_run(run_id).info.run_name
+
+
+def _dataset_schema(cfg: TrainJobConfig):
+    """The shard columns training reads, as the MLflow schema shown with the dataset inputs."""
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    label_type = "long" if getattr(cfg.model, "task", "classification") == "classification" else "double"
+    return Schema([ColSpec(Array(Array("double")), cfg.data.features_column),
+                   ColSpec(label_type, cfg.data.label_column)])
 
 
 def _input_example(data: TrainData, cfg: TrainJobConfig):
@@ -425,8 +497,40 @@ def resume_checkpoint(cfg: TrainJobConfig, run_id: str) -> str | None:
     return f"{path}/{max(found)[1]}"
 
 
+def prepared_facts(cfg: TrainJobConfig) -> dict[str, Any]:
+    """What `data prepare` / `data uea` recorded in the training shards ({} for other shards);
+    fails early, with the fix, when the dataset's task is not model.task."""
+    from pipeline.data import list_shards
+    from pipeline.errors import DataError
+    from pipeline.prepare import dataset_facts
+
+    try:
+        facts = dataset_facts(list_shards(cfg.data.train_path, "data.train_path")[:1]) or {}
+    except DataError:
+        return {}  # validate_train_data reports it with the other data problems
+    if facts.get("task") and facts["task"] != cfg.model.task:
+        raise PipelineError(f"data.train_path holds a {facts['task']} dataset (made by `data "
+                            f"prepare`) but model.task is {cfg.model.task}: set "
+                            f"model.task={facts['task']}")
+    return facts
+
+
+def dataset_class_names(cfg: TrainJobConfig, data: TrainData, facts: dict[str, Any]) -> list[str] | None:
+    """data.class_names, else the names `data prepare` stored in the shards."""
+    names = cfg.data.class_names
+    if names is None and cfg.model.task == "classification" and facts.get("class_names"):
+        names = list(facts["class_names"])
+        if len(names) < data.num_classes:
+            raise PipelineError(f"the dataset names {len(names)} classes but its labels go up to "
+                                f"{data.num_classes - 1}: set data.class_names or redo `data prepare`")
+        if cfg.data.num_classes is None:
+            data.num_classes = len(names)  # a class seen only in validation still gets its index
+    return names
+
+
 def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
-                 command: str | None = None, resume_run_id: str | None = None,
+                 command: str | None = None, config_path: str | None = None,
+                 resume_run_id: str | None = None,
                  console: Callable[[str], None] = print) -> TrainResult:
     """Validate, train on Ray, track in MLflow. Raises PipelineError for anything the user can fix.
 
@@ -437,10 +541,15 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     import ray
 
     cfg = _absolute_paths(cfg)
-    data = validate_train_data(cfg.data)
+    regression = cfg.model.task == "regression"
+    facts = prepared_facts(cfg)
+    data = validate_train_data(cfg.data, regression=regression)
+    class_names = dataset_class_names(cfg, data, facts)
     console(f"data: {data.train_rows} training rows in {len(data.train_files)} files, "
             f"{'%d validation rows' % data.val_rows if data.val_rows is not None else 'validation split %.0f%%' % (100 * cfg.data.val_fraction)}, "
-            f"{data.n_features} features, {data.num_classes} classes")
+            f"{data.n_features} features, "
+            + (f"{data.num_outputs} regression output(s)" if regression else
+               f"{data.num_classes} classes" + (f" ({', '.join(class_names)})" if class_names else "")))
     uri, mlc, exp_id = tracking.open_experiment(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     resume_from = None
@@ -450,14 +559,19 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
 
     meta = {
         "n_features": data.n_features,
-        "num_classes": data.num_classes,
-        "class_names": cfg.data.class_names,
+        "num_classes": None if regression else data.num_classes,
+        "class_names": class_names,
         "features_column": cfg.data.features_column,
         "model": to_dict(cfg.model),
-        "normalization": None,
+        "normalization": None,  # filled from the training split in _fit when data.normalize
+        "task": cfg.model.task,
+        "num_outputs": data.num_outputs,
+        "target_normalization": None,
     }
+    task = getattr(cfg.model, "task", "classification")
     run_name = cfg.tracking.run_name or (
-        f"train-h{cfg.model.hidden_size}x{cfg.model.num_layers}-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        f"{task}-lstm-h{cfg.model.hidden_size}x{cfg.model.num_layers}"
+        f"{'-bi' if cfg.model.bidirectional else ''}-{dt.datetime.now():%Y%m%d-%H%M%S}")
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
     tags = {
         "ray_version": ray.__version__,
@@ -470,8 +584,10 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
         "val_path": ",".join((data.val_files or ["(split from train)"])[:20]),
         "val_rows": str(data.val_rows if data.val_rows is not None else "split"),
     }
-    if command:
-        tags["mlflow.note.content"] = f"```\n{command}\n```"
+    if resume_run_id is None:
+        tags["mlflow.note.content"] = report.description(command, config_path,
+                                                         config_text or dump_yaml(cfg))
+    tags |= report.source_tags("train")
     if resume_run_id is not None:
         tags["resumed_with"] = command or "run_training(resume_run_id=...)"
     with tracking.tracked_run(mlc, exp_id, run_name, tags, resume_run_id) as run_id:
@@ -481,6 +597,11 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
             tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
                 "data.n_features": data.n_features, "data.num_classes_resolved": data.num_classes})
             mlc.log_text(run_id, config_text or dump_yaml(cfg), "config.yaml")
+            digests = report.log_datasets(
+                mlc, run_id, [("train", data.train_files, data.train_rows)]
+                + ([("validation", data.val_files, data.val_rows)] if data.val_files else []),
+                _dataset_schema(cfg))
+            mlc.set_tag(run_id, "data_digest", digests["train"])
         else:
             # Params are immutable in MLflow; the config a resume ran with is its own artifact.
             mlc.log_text(run_id, config_text or dump_yaml(cfg),
@@ -500,25 +621,35 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
         with best_ckpt.as_directory() as path:
             state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu",
                                weights_only=True)
-        for key in ("val_loss", "val_accuracy"):
+        for key in [k for k in ("val_loss", "val_accuracy", "val_mae", "val_rmse", "val_r2")
+                    if k in best_metrics]:
             mlc.log_metric(run_id, f"best_{key}", best_metrics[key])
         mlc.set_tag(run_id, "checkpoint", best_ckpt.path)
+        report.log_learning_curves(mlc, run_id)
+        if state.get("val_confusion") is not None:
+            report.log_confusion(mlc, run_id, state["val_confusion"].numpy(), meta.get("class_names"),
+                                 title=f"validation, epoch {best_metrics['epoch']}: ")
         model_uri = tracking.log_model(run_id, uri, state["model"], meta, _input_example(data, cfg))
         version = None
         if cfg.tracking.registered_model_name:
             version = tracking.register_model(
                 mlc, model_uri, run_id, cfg.tracking.registered_model_name,
                 cfg.tracking.alias,
-                description=(f"LSTM classifier from run {run_id}: val_accuracy "
-                             f"{best_metrics['val_accuracy']:.4f}, val_loss {best_metrics['val_loss']:.4f} "
-                             f"(epoch {best_metrics['epoch']})"),
-                tags={"run_id": run_id, "checkpoint": best_ckpt.path},
+                description=(f"LSTM {task} from run {run_id} ({run_name_of(mlc, run_id)}): "
+                             f"{report.result_summary(best_metrics)} at epoch {best_metrics['epoch']} "
+                             f"of {cfg.train.epochs}; trained on {data.train_rows} sequences"),
+                tags={"run_id": run_id, "checkpoint": best_ckpt.path,
+                      "data_digest": mlc.get_run(run_id).data.tags.get("data_digest", ""),
+                      "task": task},
             )
         return TrainResult(
             run_id=run_id, experiment_id=exp_id, tracking_uri=uri, model_uri=model_uri,
             registered_name=cfg.tracking.registered_model_name, version=version,
-            val_accuracy=float(best_metrics["val_accuracy"]), val_loss=float(best_metrics["val_loss"]),
+            val_accuracy=float(best_metrics.get("val_accuracy", "nan")),
+            val_loss=float(best_metrics["val_loss"]),
             checkpoint_path=best_ckpt.path,
+            val_metrics={k: float(v) for k, v in best_metrics.items()
+                         if k.startswith("val_") and isinstance(v, (int, float))},
         )
 
 
@@ -531,6 +662,16 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
 
     stop = threading.Event()
     train_ds, val_ds = make_datasets(data, cfg.data)
+    if cfg.data.normalize and meta.get("normalization") is None:
+        from pipeline import normalize
+
+        meta["normalization"], target = normalize.compute(
+            train_ds, cfg.data.features_column,
+            cfg.data.label_column if meta.get("task") == "regression" else None, data.n_features)
+        meta["target_normalization"] = target
+        console(f"normalization: mean/std of {len(meta['normalization']['mean'])} features over "
+                f"{meta['normalization']['count']} training steps"
+                + (f"; targets mean {target['mean'][0]:.4g} std {target['std'][0]:.4g}" if target else ""))
     progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -98,6 +98,7 @@ def trained(ray_session, synth_dir, tmp_path_factory):
     from pipeline.train import run_training
 
     store = tmp_path_factory.mktemp("store")
-    cfg = small_config(synth_dir, store)
+    # Samples system metrics every second, so this short run has some.
+    cfg = small_config(synth_dir, store, **{"tracking.system_metrics_interval": 1})
     result = run_training(cfg, command="pytest trained fixture")
     return {"result": result, "cfg": cfg, "store": store, "data": synth_dir}

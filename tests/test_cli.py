@@ -39,7 +39,7 @@ def test_several_config_errors_are_one_line_each_in_order(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key model.hidden_sise: check the spelling (known: bidirectional, "
-        "dropout, hidden_size, num_layers)",
+        "dropout, hidden_size, num_layers, task)",
         "error: train.lr must be a number, got 'fast': fix it in the config file or the key=value override",
     ]
 

@@ -79,8 +79,13 @@ def test_entrypoint_and_runtime_env():
     env = build_runtime_env(REPO, {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_TRACKING_TOKEN": "t",
                                    "AWS_SECRET_ACCESS_KEY": "never", "RAY_AUTH_TOKEN": "never"})
     assert env["working_dir"] == str(REPO)
+    commit = env["env_vars"].pop("LSTM_PIPELINE_GIT_COMMIT", None)
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_TRACKING_TOKEN": "t",
                                "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+    if (REPO / ".git").exists():  # the job records the submitting checkout's commit
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert commit is not None and commit.startswith(head)
     for pattern in ("/data/", "/mlruns/", "/mlartifacts/", "/ray_results/", "/.venv/", "*.db"):
         assert pattern in EXCLUDES
 

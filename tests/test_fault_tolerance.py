@@ -146,10 +146,13 @@ def test_early_stopping_stops_when_the_metric_stalls(ray_session, synth_dir, tmp
     cfg = small_config(synth_dir, tmp_path, **{
         "train.epochs": 6, "train.lr": 1e-12, "scaling.num_workers": 1,
         "train.early_stopping_patience": 2, "train.early_stopping_metric": "val_accuracy",
-        "tracking.registered_model_name": "null"})
+        "tracking.registered_model_name": "null",
+        # Also: system metrics switched off (sampled often enough that they would show).
+        "tracking.system_metrics": "false", "tracking.system_metrics_interval": 0.5})
     res = run_training(cfg, console=lambda line: None)
     mlc = tracking.client(res.tracking_uri)
     assert [s for s, _ in _history(mlc, res.run_id, "val_accuracy")] == [1, 2, 3]
+    assert not any(k.startswith("system/") for k in mlc.get_run(res.run_id).data.metrics)
 
 
 def test_a_non_finite_loss_stops_training_naming_epoch_and_step():

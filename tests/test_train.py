@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import cli_env, small_config
 from pipeline import tracking
 from pipeline.errors import DataError, TrainingError
 from pipeline.model import build_model, pad_arrow
@@ -80,7 +80,7 @@ def test_registry_model_in_a_fresh_process_matches_the_trained_module(trained, t
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT, res.tracking_uri, str(tmp_path / "batch.parquet"),
          str(tmp_path / "probs.npy"), str(tmp_path / "pred.npy")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The trained module, straight from the best checkpoint.
     state = torch.load(os.path.join(res.checkpoint_path, CHECKPOINT_FILE), weights_only=True)
