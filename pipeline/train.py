@@ -31,7 +31,7 @@ from pipeline import report, tracking
 from pipeline.config import TrainJobConfig, dump_yaml, flatten, load_config, to_dict
 from pipeline.data import (SequenceCollate, TrainData, absolute, filesystem, make_datasets,
                            validate_train_data)
-from pipeline.batching import training_batches
+from pipeline.batching import ShardCache
 from pipeline.cluster import ray_connection
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.model import build_model
@@ -233,26 +233,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               meta["num_classes"], meta["n_features"], objective.regression)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    batch_args = dict(batch_size=cfg.data.batch_size, collate_fn=collate, device="cpu")
+    # Shards that fit data.cache_mb are streamed once and then replayed from this worker's memory.
+    train_cache = ShardCache(train_shard, cfg.data.cache_mb * 2**20)
+    val_cache = ShardCache(val_shard, cfg.data.cache_mb * 2**20)
+
+    def val_batches():
+        return val_cache.batches(collate, cfg.data.batch_size, 1, cfg.data.features_column,
+                                 cfg.train.seed, 0, rank)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
-        train_batches = training_batches(train_shard, collate, cfg.data.batch_size,
-                                         cfg.data.bucket_window, cfg.data.features_column,
-                                         cfg.train.seed, epoch, rank)
+        train_batches = train_cache.batches(collate, cfg.data.batch_size, cfg.data.bucket_window,
+                                            cfg.data.features_column, cfg.train.seed, epoch, rank)
         loss_sum, seen, step = train_epoch(
             model, optimizer, train_batches, device,
             cfg.train.grad_clip, on_step, step, epoch, timing, loss_fn=objective.loss,
         )
         train_seconds = time.perf_counter() - t0
         if objective.regression:  # loss, MAE, RMSE, R^2 from sums added across workers
-            val_sums = objective.evaluate(model, val_shard.iter_torch_batches(**batch_args), device)
+            val_sums = objective.evaluate(model, val_batches(), device)
             loss_sum, seen, *val_sums = _all_reduce_sum([loss_sum, seen, *val_sums], device)
             val_loss_sum, count, confusion = val_sums[0], val_sums[1], None
         else:
             confusion = torch.zeros(meta["num_classes"], meta["num_classes"], dtype=torch.int64)
-            val_loss_sum, correct, count = evaluate(model, val_shard.iter_torch_batches(**batch_args),
+            val_loss_sum, correct, count = evaluate(model, val_batches(),
                                                     device, confusion)
             confusion = _all_reduce_tensor(confusion, device)
             loss_sum, seen, val_loss_sum, correct, count = _all_reduce_sum(
