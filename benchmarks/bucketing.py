@@ -94,14 +94,14 @@ def main() -> None:
     ap.add_argument("--short-max", type=int, default=50)
     ap.add_argument("--long-fraction", type=float, default=0.1)
     ap.add_argument("--window", type=int, default=None,
-                    help="bucket_window of the bucketed side (default: the config's default)")
+                    help="bucket_window of the bucketed side (default 8)")
     ap.add_argument("--acc-tolerance", type=float, default=0.02,
                     help="largest validation-accuracy drop that counts as equal")
     args = ap.parse_args()
 
     from pipeline.config import DataConfig
 
-    window = args.window if args.window is not None else DataConfig().bucket_window
+    window = args.window if args.window is not None else 8
     work = common.workdir(args)
     data = write_skewed(os.path.join(work, "data"), args)
     per_worker = args.batch // 2

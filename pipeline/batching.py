@@ -34,10 +34,11 @@ def sequence_lengths(table: pa.Table, column: str) -> np.ndarray:
     return pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
 
 
-def bucket_window(table: pa.Table, batch_size: int, column: str,
-                  rng: np.random.Generator) -> list[pa.Table]:
-    """One window -> its batches: rows ordered by length (random among equal lengths), cut into
-    `batch_size` slices, the slices in random order. Equal lengths everywhere: plain slices."""
+def bucket_window(table: pa.Table, batch_size: int, column: str, rng: np.random.Generator,
+                  order_rng: np.random.Generator | None = None) -> list[pa.Table]:
+    """One window -> its batches: rows ordered by length (random among equal lengths, `rng`),
+    cut into `batch_size` slices, the slices in random order (`order_rng`, default `rng`).
+    Equal lengths everywhere: plain slices."""
     n = table.num_rows
     if n == 0:
         return []
@@ -48,7 +49,7 @@ def bucket_window(table: pa.Table, batch_size: int, column: str,
     tie_break = rng.permutation(n)
     order = tie_break[np.argsort(lengths[tie_break], kind="stable")]
     ordered = table.take(pa.array(order))
-    rng.shuffle(starts)
+    (order_rng or rng).shuffle(starts)
     return [ordered.slice(s, batch_size) for s in starts]
 
 
@@ -60,7 +61,12 @@ def bucketed_batches(windows: Iterable[pa.Table], batch_size: int, column: str, 
         if not isinstance(table, pa.Table):
             table = pa.table(table)
         rng = np.random.default_rng([seed, epoch, rank, i])
-        yield from bucket_window(table, batch_size, column, rng)
+        # The batch order is the same on every rank: DDP waits at each step for the slowest
+        # worker, so all ranks take their k-th shortest batch of a window at the same step.
+        # (Independent orders made a step as slow as the longest batch on any rank: measured
+        # slower than no bucketing at all on skewed lengths.)
+        order_rng = np.random.default_rng([seed, epoch, i])
+        yield from bucket_window(table, batch_size, column, rng, order_rng)
 
 
 def padding_fraction(lengths: Iterable[np.ndarray]) -> float:
