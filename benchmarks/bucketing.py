@@ -99,8 +99,6 @@ def main() -> None:
                     help="largest validation-accuracy drop that counts as equal")
     args = ap.parse_args()
 
-    from pipeline.config import DataConfig
-
     window = args.window if args.window is not None else 8
     work = common.workdir(args)
     data = write_skewed(os.path.join(work, "data"), args)

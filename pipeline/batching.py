@@ -11,7 +11,8 @@ untouched (fixed-length data keeps its order).
 
 What changes is the data order: a batch holds rows of similar length from one window (rows never
 move between windows), and the batch order within a window is shuffled per epoch. The random
-choices depend only on (seed, epoch, rank, window number), so a run and its restart from a
+choices depend only on (seed, epoch, window number) for the batch order, which is the same on
+every rank, and on the rank too for ties among equal lengths; so a run and its restart from a
 checkpoint see the same batches.
 
     for table in bucketed_batches(shard.iter_batches(batch_size=8 * 256, batch_format="pyarrow"),
