@@ -82,6 +82,17 @@ def test_order_differs_between_epochs_and_seeds_but_is_deterministic():
     assert order(rank=0) != order(rank=1)
 
 
+def test_every_rank_takes_its_batches_in_the_same_length_order():
+    """DDP waits at each step for the slowest rank: the k-th batch of a window must be of the same
+    length rank on every worker (an independent order per rank made bucketing 2x slower)."""
+    table = make_table(skewed_lengths(2000))
+
+    def maxes(rank):
+        return [int(sequence_lengths(b, "features").max()) for b in run(table, rank=rank)]
+
+    assert maxes(0) == maxes(1) and len(set(maxes(0))) > 3
+
+
 def test_padding_fraction_drops_on_skewed_lengths():
     lengths = skewed_lengths(4096)
     table = make_table(lengths)
