@@ -93,9 +93,13 @@ class ShardCache:
     than `max_bytes` (Arrow bytes) streams every epoch and the worker's memory stays flat.
     """
 
-    def __init__(self, shard, max_bytes: int):
+    def __init__(self, shard, max_bytes: int, expected_rows: int | None = None):
+        """`expected_rows`: about how many rows the shard holds (the driver knows the dataset's);
+        when the first window shows that many rows would not fit, nothing is recorded at all,
+        so a streaming worker's memory stays flat instead of growing up to `max_bytes`."""
         self.shard = shard
         self.max_bytes = max_bytes
+        self.expected_rows = expected_rows
         self.windows: list[pa.Table] | None = None
         self.rows_per_window: int | None = None
 
@@ -107,6 +111,9 @@ class ShardCache:
         size = 0
         for table in self.shard.iter_batches(batch_size=rows_per_window, batch_format="pyarrow",
                                              prefetch_batches=prefetch_batches):
+            if recorded is not None and not recorded and self.expected_rows and table.num_rows \
+                    and table.nbytes / table.num_rows * self.expected_rows > self.max_bytes:
+                recorded = None  # will not fit: stream every epoch, hold nothing
             if recorded is not None:
                 size += table.nbytes
                 if size <= self.max_bytes:

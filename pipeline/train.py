@@ -234,8 +234,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     # Shards that fit data.cache_mb are streamed once and then replayed from this worker's memory.
-    train_cache = ShardCache(train_shard, cfg.data.cache_mb * 2**20)
-    val_cache = ShardCache(val_shard, cfg.data.cache_mb * 2**20)
+    shard_rows = config.get("shard_rows") or {}
+    train_cache = ShardCache(train_shard, cfg.data.cache_mb * 2**20, shard_rows.get("train"))
+    val_cache = ShardCache(val_shard, cfg.data.cache_mb * 2**20, shard_rows.get("val"))
 
     def val_batches():
         return val_cache.batches(collate, cfg.data.batch_size, 1, cfg.data.features_column,
@@ -422,6 +423,17 @@ def _interruptible():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _shard_rows(data: TrainData, cfg: TrainJobConfig) -> dict[str, int]:
+    """About how many training and validation rows each worker's shard holds."""
+    n = cfg.scaling.num_workers
+    if data.val_rows is not None:
+        train, val = data.train_rows, data.val_rows
+    else:
+        val = int(data.train_rows * cfg.data.val_fraction)
+        train = data.train_rows - val
+    return {"train": -(-train // n), "val": -(-val // n)}
 
 
 def run_name_of(mlc, run_id: str) -> str:
@@ -681,7 +693,8 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "meta": meta, "run_id": run_id, "tracking_uri": uri,
-                           "progress": progress, "resume_from": resume_from},
+                           "progress": progress, "resume_from": resume_from,
+                           "shard_rows": _shard_rows(data, cfg)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

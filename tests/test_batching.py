@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.batching import bucketed_batches, padding_fraction, sequence_lengths
+from pipeline.batching import ShardCache, bucketed_batches, padding_fraction, sequence_lengths
 from pipeline.config import DataConfig, load_config, TrainJobConfig
 from pipeline.data import SequenceCollate
 from pipeline.errors import ConfigError
@@ -124,3 +124,39 @@ def test_config_key():
     assert cfg.data.bucket_window == 8
     with pytest.raises(ConfigError, match="bucket_window"):
         DataConfig(bucket_window=-1)
+
+
+class _Stream:
+    """Stands in for a Ray Data shard iterator (Ray's, not ours): counts the passes made."""
+
+    def __init__(self, table):
+        self.table, self.passes = table, 0
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches=1):
+        self.passes += 1
+        for start in range(0, self.table.num_rows, batch_size):
+            yield self.table.slice(start, batch_size)
+
+
+def _ids(batches):
+    return [b.column("id").to_pylist() for b in batches]
+
+
+def test_a_shard_that_fits_is_replayed_from_memory_with_the_same_batches():
+    table = make_table(skewed_lengths(500))
+    stream = _Stream(table)
+    cache = ShardCache(stream, max_bytes=table.nbytes * 2, expected_rows=500)
+    first = _ids(cache.batches(lambda b: b, 16, 4, "features", seed=0, epoch=1))
+    again = _ids(cache.batches(lambda b: b, 16, 4, "features", seed=0, epoch=1))
+    assert stream.passes == 1 and first == again  # replayed, not re-read
+    assert sorted(sum(first, [])) == list(range(500))
+
+
+def test_a_shard_that_does_not_fit_streams_and_holds_nothing():
+    table = make_table(skewed_lengths(500))
+    for expected_rows in (500, None):  # known too big up front, or found out while streaming
+        stream = _Stream(table)
+        cache = ShardCache(stream, max_bytes=table.nbytes // 3, expected_rows=expected_rows)
+        for _ in range(2):
+            assert sorted(sum(_ids(cache.batches(lambda b: b, 16, 1, "features", 0, 0)), [])) == list(range(500))
+        assert stream.passes == 2 and cache.windows is None
