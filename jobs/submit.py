@@ -133,8 +133,9 @@ def build_runtime_env(root: Path, env: Mapping[str, str]) -> dict[str, Any]:
     # The working_dir upload leaves .git out: the job records the submitting checkout's commit.
     from pipeline.report import GIT_COMMIT_ENV, git_commit
 
-    if git_commit():
-        env_vars[GIT_COMMIT_ENV] = git_commit()
+    commit = git_commit()
+    if commit:
+        env_vars[GIT_COMMIT_ENV] = commit
     return {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env_vars}
 
 

@@ -52,8 +52,9 @@ def source_tags(stage: str) -> dict[str, str]:
         tags["mlflow.user"] = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry for this uid (some containers)
         pass
-    if git_commit():
-        tags["mlflow.source.git.commit"] = git_commit()
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
     return tags
 
 
