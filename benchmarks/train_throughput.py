@@ -9,9 +9,12 @@ Same data (synthetic, fixed length T, F features, C classes), same model size (1
 batch/P each) and the same number of epochs on every side. Rounds alternate between the sides:
 
 - plain:         the seed tutorial's model and loop over tensors in memory, 1 process, 2 threads
+- plain-reuse:   the same with the allocator settings our workers get (`scaling.reuse_memory`,
+                 pipeline/runtime.py): shows how much of the pipeline's lead is the allocator
 - lightning-1:   LightningModule around the same model, 1 process, 2 threads
 - lightning-ddp: the same, DDP over gloo, 2 processes x 1 thread
 - pipeline:      `run_training` with conf/train.yaml (2 workers x 1 CPU), reading the Parquet shards
+- pipeline-no-reuse: the same with `scaling.reuse_memory=false` (glibc's default allocator)
 - pipeline-best: the same with `--best` overrides and (`--best-v1`, on by default) Ray Data's V1
                  Parquet datasource (`DataContext.use_datasource_v2 = False`)
 
@@ -34,6 +37,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+
+from pipeline.runtime import REUSE_MEMORY_ENV  # noqa: E402
 
 # Fixed-length data: bucketing passes windows through unchanged; off, batches come from Ray Data's
 # own iter_torch_batches (collate in its prefetch thread) instead of windows sliced here.
@@ -89,20 +94,29 @@ def lightning_child(args) -> None:
         print("RESULT " + json.dumps({"epoch_seconds": timer.times}), flush=True)
 
 
-def run_lightning(procs: int, data: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--lightning-child", str(procs), "--data", data]
+def plain_child(args) -> None:
+    """The seed's loop in this process (its allocator is the one this process started with)."""
+    start = time.perf_counter()
+    x, _, y = common.load_in_memory(os.path.join(args.data, "train"))
+    out = common.plain_loop(x, y, args, threads=2)
+    out["wall"] = time.perf_counter() - start
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(flag: str, value: int, data: str, args, env: dict[str, str] | None = None) -> dict:
+    """This script as a fresh process (`--plain-child` or `--lightning-child`); its RESULT line."""
+    cmd = [sys.executable, os.path.abspath(__file__), flag, str(value), "--data", data]
     for key in ("rows", "val_rows", "length", "features", "hidden", "classes", "batch", "epochs"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"lightning ({procs} processes) failed:\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{flag} {value} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = json.loads(lines[-1][len("RESULT "):])
-    out["wall"] = wall
+    out.setdefault("wall", wall)
     return out
 
 
@@ -116,10 +130,14 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[],
                     help="sides to leave out: plain lightning-1 lightning-ddp pipeline pipeline-best")
     ap.add_argument("--lightning-child", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--plain-child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lightning_child:
         lightning_child(args)
+        return
+    if args.plain_child:
+        plain_child(args)
         return
 
     work = common.workdir(args)
@@ -128,13 +146,6 @@ def main() -> None:
           f"F={args.features}, {args.classes} classes; hidden {args.hidden}; global batch "
           f"{args.batch}; {args.epochs} epochs; {args.rounds} rounds; scratch {work}", flush=True)
 
-    def plain():
-        start = time.perf_counter()
-        x, _, y = common.load_in_memory(os.path.join(data, "train"))
-        out = common.plain_loop(x, y, args, threads=2)
-        out["wall"] = time.perf_counter() - start
-        return out
-
     def best():
         with common.parquet_datasource(v2=not args.best_v1):
             return common.run_pipeline(data, work, args, [per_worker] + args.best)
@@ -142,10 +153,13 @@ def main() -> None:
     # The pipeline's batch is per worker: 2 workers x batch/2 = the same global batch.
     per_worker = f"data.batch_size={args.batch // 2}"
     sides = {
-        "plain": plain,
-        "lightning-1": lambda: run_lightning(1, data, args),
-        "lightning-ddp": lambda: run_lightning(2, data, args),
+        "plain": lambda: run_child("--plain-child", 1, data, args),
+        "plain-reuse": lambda: run_child("--plain-child", 1, data, args, REUSE_MEMORY_ENV),
+        "lightning-1": lambda: run_child("--lightning-child", 1, data, args),
+        "lightning-ddp": lambda: run_child("--lightning-child", 2, data, args),
         "pipeline": lambda: common.run_pipeline(data, work, args, [per_worker]),
+        "pipeline-no-reuse": lambda: common.run_pipeline(data, work, args,
+                                                         [per_worker, "scaling.reuse_memory=false"]),
         "pipeline-best": best,
     }
     sides = {k: v for k, v in sides.items() if k not in args.skip}

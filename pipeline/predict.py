@@ -33,6 +33,7 @@ from pipeline.config import DataConfig, PredictJobConfig, dump_yaml, flatten, to
 from pipeline.data import (_is_number_or_numbers, absolute, filesystem, inspect_files, list_shards,
                            open_parquet)
 from pipeline.errors import DataError, PipelineError, collect
+from pipeline.runtime import worker_env
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
 DONE_MARKER = "_DONE.json"
@@ -329,6 +330,7 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                     batch_size=p.batch_size, batch_format="pyarrow",
                     compute=ray.data.ActorPoolStrategy(size=p.num_actors),
                     num_cpus=p.cpus_per_actor, num_gpus=1 if p.use_gpu else None,
+                    runtime_env={"env_vars": worker_env(p.reuse_memory)},
                     udf_modifying_row_count=False,
                 )
                 ds.write_parquet(target)

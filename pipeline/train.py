@@ -36,6 +36,7 @@ from pipeline.cluster import ray_connection
 from pipeline.errors import PipelineError, TrainingError
 from pipeline.model import build_model
 from pipeline.objective import Objective
+from pipeline.runtime import allocator_in_use, worker_env
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -196,7 +197,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     random.seed(cfg.train.seed)
 
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_model(meta))
+    # The model's buffers (normalization statistics) are constants: DDP's default broadcast of
+    # them before every forward would be one more collective, i.e. one more wait, per step.
+    model = ray.train.torch.prepare_model(build_model(meta),
+                                          parallel_strategy_kwargs={"broadcast_buffers": False})
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                                  weight_decay=cfg.train.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
@@ -218,6 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = monitor = None
     if rank == 0:
         logger = tracking.MetricLogger(config["tracking_uri"], config["run_id"])
+        logger.mlc.set_tag(config["run_id"], "worker_allocator", allocator_in_use())
         if cfg.tracking.system_metrics:
             # A sampling thread on this node; it stops by itself once the run is no longer RUNNING.
             monitor = tracking.system_metrics_monitor(config["tracking_uri"], config["run_id"],
@@ -711,6 +716,7 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg.scaling.reuse_memory)},
         ),
         datasets={"train": train_ds, "val": val_ds},
     )

@@ -34,6 +34,8 @@ def test_run_holds_params_metrics_config_and_model(trained):
     assert params["train.storage_path"].startswith("/")  # made absolute on the driver
     tags = run.data.tags
     assert tags["num_workers"] == "2" and tags["device"] == "cpu" and tags["train_rows"] == "1600"
+    # The workers started with the allocator settings of scaling.reuse_memory (pipeline/runtime.py).
+    assert tags["worker_allocator"] == "reuse"
     for key in ("train_loss", "val_loss", "val_accuracy", "sequences_per_second", "epoch_seconds"):
         history = mlc.get_metric_history(res.run_id, key)
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4], key
@@ -96,10 +98,12 @@ def test_registry_model_in_a_fresh_process_matches_the_trained_module(trained, t
 def test_one_worker_with_a_seeded_validation_split(ray_session, synth_dir, tmp_path):
     cfg = small_config(synth_dir, tmp_path, **{
         "scaling.num_workers": 1, "train.epochs": 2, "data.val_path": "null",
-        "data.val_fraction": 0.25, "tracking.registered_model_name": "null"})
+        "data.val_fraction": 0.25, "tracking.registered_model_name": "null",
+        "scaling.reuse_memory": "false"})
     res = run_training(cfg)
     run = tracking.client(res.tracking_uri).get_run(res.run_id)
     assert run.info.status == "FINISHED" and res.version is None
+    assert run.data.tags["worker_allocator"] == "default"
     assert run.data.tags["val_rows"] == "split"
     assert res.val_accuracy > CHANCE
 
