@@ -35,6 +35,30 @@ def test_padding_does_not_change_a_prediction(bidirectional, num_layers):
     torch.testing.assert_close(c, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_the_dense_cpu_path_equals_the_packed_path(bidirectional, num_layers):
+    """On the CPU the padded batch runs dense and each row is read at its last valid step (the
+    backward direction over rows reversed within their lengths); CUDA packs the batch. Both give
+    the same outputs and the same gradients, none of which reaches a padded step."""
+    torch.manual_seed(0)
+    model = LSTMClassifier(5, 3, hidden_size=16, num_layers=num_layers,
+                           bidirectional=bidirectional).eval()
+    lengths = torch.tensor([12, 3, 7, 1, 12, 5])
+    x = torch.randn(6, 12, 5)
+    x[torch.arange(12)[None, :] >= lengths[:, None]] = 0.0
+    x.requires_grad_(True)
+    dense = model(x, lengths)
+    packed = model.head(model._summary_packed(x, lengths))
+    torch.testing.assert_close(dense, packed, rtol=0, atol=1e-6)
+    weights = [x, *model.parameters()]
+    for a, b in zip(torch.autograd.grad(dense.square().sum(), weights),
+                    torch.autograd.grad(packed.square().sum(), weights)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    grad_x = torch.autograd.grad(model(x, lengths).sum(), x)[0]
+    assert not grad_x[torch.arange(12)[None, :] >= lengths[:, None]].any()
+
+
 def test_the_last_valid_step_matters():
     """The seed read out[:, -1], a padding step; a change at a sequence's last real step must count."""
     torch.manual_seed(0)
