@@ -392,14 +392,37 @@ def validate_train_data(cfg: DataConfig, regression: bool = False) -> TrainData:
 # --------------------------------------------------------------------------- Ray Data
 
 
+BLOCK_BYTES = 8 * 2**20
+"""Our datasets' blocks are cut to at most this many bytes (Ray's default is 128 MiB). A block
+is the unit a worker holds, prefetches and maps from the object store, so bounded blocks keep a
+worker's memory the same whatever the size of the files, and small blocks let reading, the
+model and writing overlap instead of running one after the other."""
+
+def read_parquet_columns(files: list[str], columns: list[str], reader: str = "v1",
+                         row_hash: bool = False):
+    """Lazily read `columns` of Parquet files with Ray Data: one read task per file, blocks of at
+    most BLOCK_BYTES. `reader` picks Ray Data's Parquet datasource (DataConfig.parquet_reader)."""
+    import ray.data
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = reader == "v2"  # read when the dataset is created, not later
+    try:
+        ds = ray.data.read_parquet(files, file_extensions=None, include_row_hash=row_hash,
+                                   override_num_blocks=None if reader == "v2" else len(files))
+    finally:
+        ctx.use_datasource_v2 = before
+    # Ray Data pushes the projection down into the Parquet read.
+    ds = ds.select_columns(columns + (["row_hash"] if row_hash else []))
+    ds.context.target_max_block_size = BLOCK_BYTES
+    return ds
+
+
 def read_shards(files: list[str], cfg: DataConfig, with_label: bool = True, row_hash: bool = False):
     """Lazily read shards with Ray Data, keeping only the columns training needs."""
-    import ray.data
-
     columns = [cfg.features_column] + ([cfg.label_column] if with_label else [])
-    ds = ray.data.read_parquet(files, file_extensions=None, include_row_hash=row_hash)
-    # Ray Data pushes the projection down into the Parquet read.
-    return ds.select_columns(columns + (["row_hash"] if row_hash else []))
+    return read_parquet_columns(files, columns, cfg.parquet_reader, row_hash)
 
 
 def _split_by_hash(batch: pa.Table, fraction: float, seed: int, keep_val: bool) -> pa.Table:

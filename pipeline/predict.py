@@ -31,12 +31,14 @@ from pipeline import report, tracking
 from pipeline.cluster import ray_connection
 from pipeline.config import DataConfig, PredictJobConfig, dump_yaml, flatten, to_dict
 from pipeline.data import (_is_number_or_numbers, absolute, filesystem, inspect_files, list_shards,
-                           open_parquet)
+                           open_parquet, read_parquet_columns)
 from pipeline.errors import DataError, PipelineError, collect
 from pipeline.runtime import worker_env
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
 DONE_MARKER = "_DONE.json"
+OUTPUT_ROWS_PER_FILE = 250_000
+"""Rows per output file (at least; the last file of a chunk takes the rest): ~10 MB of predictions."""
 
 
 @dataclass
@@ -320,8 +322,8 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                     done += 1
                     continue
                 _remove(target)
-                ds = ray.data.read_parquet(chunk, file_extensions=None).select_columns(
-                    sorted({features_column, *keep}))
+                ds = read_parquet_columns(chunk, sorted({features_column, *keep}),
+                                          cfg.data.parquet_reader)
                 ds = ds.map_batches(
                     Predictor,
                     fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
@@ -333,7 +335,8 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                     runtime_env={"env_vars": worker_env(p.reuse_memory)},
                     udf_modifying_row_count=False,
                 )
-                ds.write_parquet(target)
+                # Input blocks are small (BLOCK_BYTES); a file per block would be many tiny files.
+                ds.write_parquet(target, min_rows_per_file=OUTPUT_ROWS_PER_FILE)
                 _mark_done(target, chunk)
             if done:
                 console(f"resumed: {done} of {len(chunks)} input chunks were already predicted "
