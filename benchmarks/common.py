@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import statistics
@@ -165,20 +164,6 @@ def run_pipeline(data: str, work: str, args, overrides: list[str] = ()) -> dict[
     return {"epoch_seconds": epoch_seconds, "wall": wall, "val_accuracy": res.val_accuracy,
             "data_wait_fraction": wait, "run_id": res.run_id, "tracking_uri": res.tracking_uri,
             "model_uri": res.model_uri}
-
-
-@contextlib.contextmanager
-def parquet_datasource(v2: bool):
-    """Ray Data's Parquet datasource for datasets built inside (V2 is Ray 2.60's default)."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    before = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = v2
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = before
 
 
 def median(values):

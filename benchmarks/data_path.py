@@ -7,9 +7,10 @@
 1. Read path, same shards, same output (zero-padded float32 [B, T, F] tensors + lengths +
    labels), rounds alternating:
    - raw:      `pyarrow.parquet.read_table(files)` -> one contiguous padded array, sliced into batches
-   - ray-v2:   the training path: `read_parquet` + `iter_torch_batches(collate_fn=SequenceCollate)`
-               (Ray Data's default Parquet datasource, V2 on Ray 2.60)
-   - ray-v1:   the same with `DataContext.use_datasource_v2 = False`
+   - ray-v1:   the training path: `pipeline.data.read_parquet_columns` (Ray Data's V1 Parquet
+               datasource, our default `data.parquet_reader`) + `iter_torch_batches(collate_fn=
+               SequenceCollate)`
+   - ray-v2:   the same with `data.parquet_reader=v2` (Ray 2.60's default datasource)
    Each Ray side is iterated on a running local Ray (2 CPUs), twice per round; the first pass
    (read tasks' worker start) and the second are both shown, the ratio uses the second.
 2. Data wait: `run_training` (default config) on the same data; the per-epoch metric
@@ -39,9 +40,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
     import torch
-    from ray.data import DataContext
-
-    from pipeline.data import SequenceCollate
+    from pipeline.data import SequenceCollate, read_parquet_columns
     from pipeline.model import pad_arrow
 
     work = common.workdir(args)
@@ -66,11 +65,10 @@ def main() -> None:
     collate = SequenceCollate("features", "label", args.classes, args.features)
 
     def ray_side(v2: bool) -> list[float]:
-        DataContext.get_current().use_datasource_v2 = v2
         rates = []
         for _ in range(2):
             start = time.perf_counter()
-            ds = ray.data.read_parquet(files, file_extensions=None).select_columns(["features", "label"])
+            ds = read_parquet_columns(files, ["features", "label"], "v2" if v2 else "v1")
             n = 0
             for batch in ds.iter_torch_batches(batch_size=args.batch, collate_fn=collate, device="cpu"):
                 n += len(batch["label"])
@@ -79,7 +77,6 @@ def main() -> None:
         return rates
 
     common.start_ray(2)
-    default_v2 = DataContext.get_current().use_datasource_v2
     res = {"raw": [], "ray-v2": [], "ray-v1": []}
     for r in range(args.rounds):
         res["raw"].append(raw())
@@ -89,7 +86,6 @@ def main() -> None:
         res["ray-v1"].append(v1[1])
         print(f"round {r + 1}: raw {res['raw'][-1]:.0f} rows/s  ray-v2 {v2[0]:.0f} then {v2[1]:.0f}  "
               f"ray-v1 {v1[0]:.0f} then {v1[1]:.0f} rows/s", flush=True)
-    DataContext.get_current().use_datasource_v2 = default_v2
     ray.shutdown()
 
     med = {k: common.median(v) for k, v in res.items()}
