@@ -488,11 +488,7 @@ class PredictDataConfig:
     id_column: str = "id"
     """Passed through to the output when present."""
     parquet_reader: Literal["v1", "v2"] = "v1"
-    """Ray Data's Parquet datasource. v1 (default): one read task per file, file metadata read
-    where the plan is built. v2 (Ray 2.60's default): every read starts with a listing step that
-    launches 32 footer-reader actors, i.e. 32 new worker processes per pass (per epoch, for a
-    shard too large to cache); on a 2-core machine that cost 2-5 s a pass. v2 pays off for
-    thousands of files on object storage."""
+    """Ray Data's Parquet datasource, v1 or v2: see data.parquet_reader of the training config."""
 
 
 @dataclass

@@ -109,7 +109,6 @@ class LSTMClassifier(nn.Module):
             out = out * self.target_std + self.target_mean
         return out
 
-
     def _summary_packed(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # pack_padded_sequence wants the lengths on the CPU whatever the device of x.
         packed = pack_padded_sequence(
