@@ -42,6 +42,9 @@ def quiet_libraries(progress_bars: bool = False) -> None:
     """Keep the console to our own lines: no MLflow chatter, Ray Data progress bars on request."""
     if not progress_bars:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Data configures its loggers when it is imported, after this runs; it reads the level
+    # from this variable (set it to INFO to see Ray Data's execution plans again).
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
@@ -52,3 +55,5 @@ def quiet_libraries(progress_bars: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("mlflow", "alembic", "ray", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not progress_bars:  # not a warning about the job: that they are off is what we asked for
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

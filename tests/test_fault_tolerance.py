@@ -104,6 +104,9 @@ def test_kill_the_driver_then_resume_into_the_same_run(synth_dir, tmp_path):
     assert mlc.get_run(run_id).info.status == "RUNNING"  # nobody could close it
     done = run_cli("train", "--resume", run_id, "train.epochs=4", cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # The console is ours: no Ray Data INFO chatter (plans, parquet sampling, progress notices).
+    chatter = [line for line in done.stderr.splitlines() if "\tINFO " in line or "\tWARNING " in line]
+    assert not chatter, chatter
     out = done.stdout
     assert "(resumed)" in out and "epoch 4/4" in out and "seq/s" in out and "ETA" in out
     assert "epoch 1/4" not in out  # continued from the checkpoint, not from scratch
