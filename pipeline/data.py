@@ -398,6 +398,7 @@ is the unit a worker holds, prefetches and maps from the object store, so bounde
 worker's memory the same whatever the size of the files, and small blocks let reading, the
 model and writing overlap instead of running one after the other."""
 
+
 def read_parquet_columns(files: list[str], columns: list[str], reader: str = "v1",
                          row_hash: bool = False):
     """Lazily read `columns` of Parquet files with Ray Data: one read task per file, blocks of at
