@@ -394,9 +394,10 @@ def validate_train_data(cfg: DataConfig, regression: bool = False) -> TrainData:
 
 BLOCK_BYTES = 8 * 2**20
 """Our datasets' blocks are cut to at most this many bytes (Ray's default is 128 MiB). A block
-is the unit a worker holds, prefetches and maps from the object store, so bounded blocks keep a
-worker's memory the same whatever the size of the files, and small blocks let reading, the
-model and writing overlap instead of running one after the other."""
+is the unit a worker holds, prefetches and maps from the object store, so bounded blocks keep
+what a worker holds at a time from growing with the files (the object-store pages it has read
+still count in its RSS; see benchmarks/README.md), and small blocks let reading, the model and
+writing overlap instead of running one after the other."""
 
 
 def read_parquet_columns(files: list[str], columns: list[str], reader: str = "v1",
