@@ -118,7 +118,7 @@ def main() -> None:
             rows.append([kind, "not seen", "", "", ""])
             continue
         for what in MEASURES:
-            ratio = big[what] / small[what]
+            ratio = big[what] / small[what] if small[what] else float("inf")  # e.g. no shmem at 1x
             rows.append([kind, what, f"{small[what] / 2**20:.0f}", f"{big[what] / 2**20:.0f}",
                          f"{ratio:.2f}"])
             if what in ("file", "shmem"):
