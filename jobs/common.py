@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
 
 import click
 
+from pipeline.console import install_stop_handler
 from pipeline.errors import PipelineError
+from pipeline.redact import redact
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -24,12 +25,12 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         # A scheduler's stop (SIGTERM, e.g. `lstm-pipeline jobs stop`) ends the command like
         # Ctrl-C at any point, so an MLflow run is marked KILLED rather than left RUNNING.
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        install_stop_handler()
         try:
             return fn(*args, **kwargs)
         except PipelineError as exc:
-            for problem in exc.problems if len(exc.problems) > 1 else [str(exc)]:
-                click.echo(f"error: {problem}", err=True)
+            for problem in exc.problems:
+                click.echo(f"error: {redact(problem)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -57,3 +58,11 @@ def quiet_libraries(progress_bars: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if not progress_bars:  # not a warning about the job: that they are off is what we asked for
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray Data logs a failed task at ERROR on the console before raising it; the command reports
+    # the failure itself, in one line, so the console keeps Ray Data's warnings only (its log
+    # file keeps everything).
+    import ray.data  # noqa: F401  (configures Ray Data's handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(lambda record: record.levelno < logging.ERROR)

@@ -36,17 +36,28 @@ import click
 
 from jobs.common import user_errors
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.redact import redact
 
 STAGES = ("train", "predict", "data")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Shipped with every job: MLflow's own variables, so the job logs where this shell would.
-PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-              "MLFLOW_TRACKING_TOKEN")
-# gitignore patterns, relative to the project root. Data and runs belong on shared storage, not in
-# the job package (Ray caps a package at a few hundred MiB and uploads it on every change).
+# Shipped with every job: where MLflow is, so the job logs where this shell would. Nothing secret:
+# a job's runtime_env is metadata that anyone with dashboard or Jobs API access reads back, so
+# MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN stay here; the cluster's nodes get credentials
+# their own way (README, "Credentials on the cluster").
+PASSED_ENV = ("MLFLOW_TRACKING_URI",)
+# gitignore patterns, relative to the project root, on top of the project's own .gitignore files
+# (which Ray's packaging honours; submit makes sure it does). Data and runs belong on shared
+# storage, not in the job package (Ray caps a package at a few hundred MiB and uploads it on
+# every change); secrets and keys never leave this machine in a package.
 EXCLUDES = ["/data/", "/mlruns/", "/mlartifacts/", "/ray_results/", "/predictions/", "/.venv/",
             "/venv/", "/.git/", "__pycache__/", ".pytest_cache/", "*.egg-info/", "*.db",
-            "*.db-journal"]
+            "*.db-journal",
+            ".env", ".env.*", "*.env", ".envrc", "secrets.*", "*secret*", "*.secret", "*.pem",
+            "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*", "id_dsa*",
+            "id_ecdsa*", "id_ed25519*", ".netrc", "_netrc", ".pgpass", ".git-credentials",
+            ".pypirc", ".npmrc", ".dockercfg", ".docker/", ".aws/", ".ssh/", ".gnupg/",
+            ".kube/", "kubeconfig*", "*.kubeconfig", "credentials*", "*credentials.json",
+            "*.token", "auth_token", ".databrickscfg", "*.tfstate", "*.tfvars"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOP_WAIT_S = "30"
 
@@ -113,6 +124,19 @@ def resolve_auth_token(env: Mapping[str, str], home: Path) -> tuple[str | None, 
     return None, "RAY_AUTH_TOKEN is not set"
 
 
+def plaintext_remote(address: str) -> bool:
+    """http:// to anything but this machine."""
+    import ipaddress
+
+    parsed = urlparse(address)
+    if parsed.scheme != "http" or parsed.hostname in (None, "localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(parsed.hostname).is_loopback
+    except ValueError:
+        return True
+
+
 def build_entrypoint(stage: str, args: list[str] | tuple[str, ...]) -> str:
     """The shell command the job runs: the stage as a module, arguments quoted."""
     if stage not in STAGES:
@@ -121,8 +145,26 @@ def build_entrypoint(stage: str, args: list[str] | tuple[str, ...]) -> str:
     return shlex.join(["python", "-m", f"jobs.{stage}", *args])
 
 
+def check_no_secrets(entrypoint: str, env: Mapping[str, str]) -> None:
+    """Refuse to put a credential into the job's metadata (entrypoint or environment): anyone who
+    can read the cluster's dashboard or Jobs API reads it back."""
+    from pipeline.redact import has_secret
+
+    for name in PASSED_ENV:
+        if env.get(name) and has_secret(env[name]):
+            raise ConfigError(f"{name}={redact(env[name])} carries a credential, which would be "
+                              "stored in plain text in the job's metadata: export it without the "
+                              "credential and give the cluster's nodes MLFLOW_TRACKING_USERNAME / "
+                              "PASSWORD or TOKEN (README, \"Credentials on the cluster\")")
+    if has_secret(entrypoint):
+        raise ConfigError(f"the job's command `{redact(entrypoint)}` carries a credential, which "
+                          "would be stored in plain text in the job's metadata: pass URIs without "
+                          "user:password@ or tokens, and give the cluster's nodes the credentials "
+                          "(README, \"Credentials on the cluster\")")
+
+
 def build_runtime_env(root: Path, env: Mapping[str, str]) -> dict[str, Any]:
-    """The project as working_dir, the MLflow variables this shell has set, and a stop grace."""
+    """The project as working_dir, where MLflow is (never its credentials), and a stop grace."""
     env_vars = {name: env[name] for name in PASSED_ENV if env.get(name)}
     # Job logs are streamed line by line; Python buffers them without this.
     env_vars["PYTHONUNBUFFERED"] = "1"
@@ -154,7 +196,7 @@ def find_project_root(start: Path) -> Path:
 def relative_path_warnings(named_paths: dict[str, Any], tracking_uri: str | None) -> list[str]:
     """Warn about paths the job cannot see: relative ones resolve inside the job's copy of the
     project (which leaves out data/), and a local MLflow store stays on one cluster node."""
-    from pipeline.data import is_uri
+    from pipeline.storage import is_uri
     from pipeline.tracking import is_local_store
 
     warnings = []
@@ -285,6 +327,11 @@ class Cluster:
         self.address = resolve_address(address, env)
         token, self.token_source = resolve_auth_token(env, Path.home())
         headers = {"Authorization": f"Bearer {token}"} if token else None
+        if token and plaintext_remote(self.address):
+            click.echo(f"warning: sending the Ray token ({self.token_source}) to {self.address} "
+                       "over plain http: anyone on the network path can read it and run jobs on "
+                       "the cluster; use https:// (a TLS proxy in front of the dashboard) or an "
+                       "SSH tunnel to 127.0.0.1", err=True)
         previous = os.environ.get("RAY_API_SERVER_ADDRESS")
         # The SDK prefers RAY_API_SERVER_ADDRESS / RAY_ADDRESS over its argument; point the
         # variable at the address we resolved so --address wins, then restore it.
@@ -373,8 +420,11 @@ def submit(address: str | None, follow: bool, no_wait: bool, stage: str, args: t
         raise ConfigError("--follow and --no-wait exclude each other: pick one")
     root = find_project_root(Path.cwd())
     entrypoint = build_entrypoint(stage, args)
+    check_no_secrets(entrypoint, os.environ)
     for warning in check_stage(stage, list(args), root, os.environ):
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {redact(warning)}", err=True)
+    # Ray's packaging leaves out what the project's .gitignore files ignore, unless told not to.
+    os.environ.pop("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", None)
     cluster = Cluster(address)
     job_id = cluster.call(cluster.client.submit_job, entrypoint=entrypoint,
                           runtime_env=build_runtime_env(root, os.environ),

@@ -34,11 +34,11 @@ def train(config_path: str | None, resume_run_id: str | None, overrides: tuple[s
     data.train_path=s3://bucket/train tracking.tracking_uri=http://mlflow:5000
     """
     quiet_libraries()
+    from pipeline.checkpoints import NothingToDo, config_for_resume
     from pipeline.config import TrainJobConfig, dump_yaml, load_config
-    from pipeline.train import run_training
-
     from pipeline.errors import ConfigError
-    from pipeline.train import config_for_resume
+    from pipeline.redact import redact
+    from pipeline.train import run_training
 
     if resume_run_id:
         if config_path:
@@ -49,8 +49,12 @@ def train(config_path: str | None, resume_run_id: str | None, overrides: tuple[s
         cfg = load_config(TrainJobConfig, config_path, list(overrides))
         text = dump_yaml(cfg)
     command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
-    result = run_training(cfg, config_text=text, command=command, config_path=config_path,
-                          resume_run_id=resume_run_id, console=click.echo)
+    try:
+        result = run_training(cfg, config_text=text, command=command, config_path=config_path,
+                              resume_run_id=resume_run_id, console=click.echo)
+    except NothingToDo as done:
+        click.echo(str(done))  # the run, its versions and the alias stay as they were
+        return
     click.echo("")
     click.echo(f"run id:          {result.run_id}")
     if result.version:
@@ -63,9 +67,10 @@ def train(config_path: str | None, resume_run_id: str | None, overrides: tuple[s
                    f"(best val_loss {result.val_loss:.4f})")
     else:
         click.echo(f"val accuracy:    {result.val_accuracy:.4f} (best val_loss {result.val_loss:.4f})")
-    ui = "lstm-pipeline ui" if result.tracking_uri.startswith("sqlite:") else f"open {result.tracking_uri}"
+    shown = redact(result.tracking_uri)
+    ui = "lstm-pipeline ui" if result.tracking_uri.startswith("sqlite:") else f"open {shown}"
     click.echo(f"open the UI:     {ui}"
-               + (f" --tracking-uri {result.tracking_uri}" if ui == "lstm-pipeline ui"
+               + (f" --tracking-uri {shown}" if ui == "lstm-pipeline ui"
                   and result.tracking_uri != _default_uri() else ""))
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from pipeline.console import signals_deferred
 from pipeline.errors import PipelineError
 
 
@@ -38,31 +39,40 @@ def ray_connection(address: str | None, need_cpus: int, need_gpus: int, what: st
     local Ray; check the job can ever be placed; shut down only what this call started."""
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            _check_reachable(address)
-            try:
-                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise PipelineError(f"cannot connect to the Ray cluster at {address} ({exc}): "
-                                    "start it or fix scaling.address / RAY_ADDRESS") from None
-        else:
-            num_cpus = local_cpus(local_num_cpus)
-            # Decide before paying for a Ray start.
-            _check_capacity({"CPU": num_cpus, "GPU": 0}, need_cpus, need_gpus, what,
-                            f"{fix}, or set the local Ray's CPUs (scaling.local_num_cpus / "
-                            "cluster.local_num_cpus)")
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     logging_level=logging.ERROR, log_to_driver=False)
-        started = True
+    started = not ray.is_initialized()
     try:
+        if started:
+            address = address or os.environ.get("RAY_ADDRESS")
+            if address:
+                _check_reachable(address)
+            else:
+                # Decide before paying for a Ray start.
+                _check_capacity({"CPU": local_cpus(local_num_cpus), "GPU": 0}, need_cpus,
+                                need_gpus, what, f"{fix}, or set the local Ray's CPUs "
+                                "(scaling.local_num_cpus / cluster.local_num_cpus)")
+            # A stop signal during the start would leave half-started Ray processes behind; it
+            # takes effect right after (and ray.init's own SIGTERM handler is replaced by ours).
+            with signals_deferred():
+                _init(address, local_num_cpus)
         _check_capacity(ray.cluster_resources(), need_cpus, need_gpus, what, fix)
         yield
     finally:
         if started:
             ray.shutdown()
+
+
+def _init(address: str | None, local_num_cpus: int | None) -> None:
+    import ray
+
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise PipelineError(f"cannot connect to the Ray cluster at {address} ({exc}): "
+                                "start it or fix scaling.address / RAY_ADDRESS") from None
+    else:
+        ray.init(address="local", num_cpus=local_cpus(local_num_cpus), include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False)
 
 
 def _check_capacity(total: dict, need_cpus: int, need_gpus: int, what: str, fix: str) -> None:

@@ -23,6 +23,15 @@ from pipeline.errors import ConfigError, collect
 PathList = str | list[str]
 
 
+def _empty_path(key: str, value: PathList | None, nullable: bool = False,
+                what: str = "a directory, glob, file or URI") -> list[str]:
+    """An empty string where a path belongs would silently mean the working directory."""
+    items = [value] if isinstance(value, str) else (value or [])
+    if (isinstance(value, list) and not value) or any(not p.strip() for p in items):
+        return [f"{key} is empty: give {what}" + (" (or null)" if nullable else "")]
+    return []
+
+
 @dataclass
 class DataConfig:
     train_path: PathList = "data/synth/train"
@@ -74,7 +83,8 @@ class DataConfig:
     way for the loss; predictions come back in the target's units."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _empty_path("data.train_path", self.train_path)
+        problems += _empty_path("data.val_path", self.val_path, nullable=True)
         if self.val_path is None and not 0.0 < self.val_fraction < 1.0:
             problems.append(
                 "data.val_fraction must be between 0 and 1 (exclusive) when data.val_path is null"
@@ -162,7 +172,7 @@ class OptimConfig:
     deviations."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _empty_path("train.storage_path", self.storage_path, what="a directory or URI")
         if self.epochs < 1:
             problems.append("train.epochs must be >= 1")
         if self.lr <= 0:
@@ -230,11 +240,46 @@ class TrackingConfig:
     """Seconds between system metric samples."""
 
     def __post_init__(self) -> None:
+        problems = []
         if self.system_metrics_interval <= 0:
-            raise ConfigError("tracking.system_metrics_interval must be > 0 seconds")
+            problems.append("tracking.system_metrics_interval must be > 0 seconds")
         if self.alias is not None and self.alias.lower() == "latest":
-            raise ConfigError("tracking.alias 'latest' is reserved by MLflow (models:/NAME/latest "
-                              "already means the newest version): choose another alias, e.g. current")
+            problems.append("tracking.alias 'latest' is reserved by MLflow (models:/NAME/latest "
+                            "already means the newest version): choose another alias, e.g. current")
+        else:
+            problems += registry_name_problems(self.registered_model_name, self.alias)
+        if self.tracking_uri is not None and not self.tracking_uri.strip():
+            problems.append("tracking.tracking_uri is empty: give a URI or null (then "
+                            "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+        collect(problems, ConfigError)
+
+
+def registry_name_problems(name: str | None, alias: str | None) -> list[str]:
+    """What MLflow's registry will refuse in a model name or alias, found with MLflow's own
+    validation (before training, not after it): `/` and `:` in names, aliases that are not
+    letters, digits, `_` and `-`, and the reserved `latest` and `v<N>`."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils import validation
+    except ImportError:  # no MLflow here (a bare worker): the driver has checked
+        return []
+    checks = []
+    if name is not None:
+        checks.append(("tracking.registered_model_name", name, [validation._validate_model_name],
+                       "choose a name without / or :, e.g. lstm-classifier"))
+    if alias is not None:
+        checks.append(("tracking.alias", alias, [validation._validate_model_alias_name,
+                                                 validation._validate_model_alias_name_reserved],
+                       "choose an alias of letters, digits, _ and - that is not latest or v<N>, "
+                       "e.g. current or prod"))
+    problems = []
+    for key, value, validators, fix in checks:
+        try:
+            for validate in validators:
+                validate(value)
+        except MlflowException as exc:
+            problems.append(f"{key} {value!r} is refused by MLflow ({exc.message}): {fix}")
+    return problems
 
 
 @dataclass
@@ -465,13 +510,23 @@ class PredictConfig:
     chunk_bytes: int = 1_000_000_000
     """Input is predicted in chunks of about this many Parquet bytes; a rerun after a crash
     skips the chunks already written."""
+    max_failures: int = 1
+    """Times a chunk is predicted again after a failure that is not the data's (an actor or node
+    died). Ray Data's own actor restarts are off: they can fail when the actor's arguments were
+    evicted from the object store (ray-project/ray#53727)."""
 
     def __post_init__(self) -> None:
         problems = []
+        if self.input_path not in (None, ""):
+            problems += _empty_path("predict.input_path (--input)", self.input_path)
+        if self.output_path is not None and self.output_path and not self.output_path.strip():
+            problems.append("predict.output_path (--output) is empty: give a directory to create")
         if self.batch_size < 1:
             problems.append("predict.batch_size must be >= 1")
         if self.chunk_bytes < 1:
             problems.append("predict.chunk_bytes must be >= 1")
+        if self.max_failures < 0:
+            problems.append("predict.max_failures must be >= 0")
         if self.num_actors < 1:
             problems.append("predict.num_actors must be >= 1")
         if self.cpus_per_actor < 1:

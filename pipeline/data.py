@@ -30,25 +30,13 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from pipeline.config import DataConfig
 from pipeline.errors import DataError, collect
 from pipeline.model import pad_arrow
+from pipeline.storage import absolute, filesystem, is_uri
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 CHECK_HINT = "run `lstm-pipeline data check PATH` to find the file and row"
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path and urlparse(path).scheme not in ("", "file")
-
-
-def absolute(path: str) -> str:
-    """Make a local path absolute (workers run in other directories); leave URIs alone."""
-    if is_uri(path):
-        return path
-    if path.startswith("file://"):
-        path = urlparse(path).path
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def list_shards(paths: str | list[str], what: str = "data") -> list[str]:
@@ -140,13 +128,6 @@ def _add_counts(counts: dict[int, int], values: np.ndarray) -> None:
     uniq, n = np.unique(values, return_counts=True)
     for k, c in zip(uniq.tolist(), n.tolist()):
         counts[k] = counts.get(k, 0) + c
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local path or a URI (s3://, gs://, ...)."""
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
@@ -418,6 +399,9 @@ def read_parquet_columns(files: list[str], columns: list[str], reader: str = "v1
     # Ray Data pushes the projection down into the Parquet read.
     ds = ds.select_columns(columns + (["row_hash"] if row_hash else []))
     ds.context.target_max_block_size = BLOCK_BYTES
+    # A DataError raised in a map function (a bad row found while predicting) reaches the driver
+    # as itself, inside Ray's task error, instead of as a UserCodeException carrying only text.
+    ds.context.raise_original_map_exception = True
     return ds
 
 

@@ -14,6 +14,8 @@ class PipelineError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, problems: list[str] | None = None):
+        self.message = message
+        """As raised (Ray Data appends retry advice to the args of errors that pass through it)."""
         self.problems = problems or [message]
         super().__init__(message)
 
@@ -24,6 +26,11 @@ class ConfigError(PipelineError):
 
 class DataError(PipelineError):
     """The dataset cannot be used: missing, malformed, or inconsistent."""
+
+
+class OutputError(PipelineError):
+    """An output would overwrite, delete or mix with what the user owns (an input, the working
+    directory, files this project did not write)."""
 
 
 class TrackingError(PipelineError):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import inspect
 import json
 import os
-import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,11 +30,14 @@ import pyarrow.parquet as pq
 
 from pipeline import report, tracking
 from pipeline.cluster import ray_connection
+from pipeline.console import first_line, user_error_in
 from pipeline.config import DataConfig, PredictJobConfig, dump_yaml, flatten, to_dict
-from pipeline.data import (_is_number_or_numbers, absolute, filesystem, inspect_files, list_shards,
-                           open_parquet, read_parquet_columns)
+from pipeline.data import (_is_number_or_numbers, inspect_files, list_shards, open_parquet,
+                           read_parquet_columns)
 from pipeline.errors import DataError, PipelineError, collect
+from pipeline.redact import redact
 from pipeline.runtime import worker_env
+from pipeline.storage import Output, filesystem, remove
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
 DONE_MARKER = "_DONE.json"
@@ -226,11 +230,6 @@ class Predictor:
 # --------------------------------------------------------------------------- the job
 
 
-def _exists(path: str) -> bool:
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type != pafs.FileType.NotFound
-
-
 def _confusion(output: str, label_column: str, num_classes: int) -> np.ndarray:
     """Confusion matrix [true, predicted] streamed from the written output's two int columns."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -245,29 +244,29 @@ def _confusion(output: str, label_column: str, num_classes: int) -> np.ndarray:
     return matrix
 
 
-def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
-                   config_path: str | None = None,
-                   console: Callable[[str], None] = print) -> PredictResult:
-    """Validate, predict with Ray Data, write Parquet atomically, track in MLflow."""
-    import ray
-    import ray.data
+RUN_FILE = "_RUN.json"
+"""In the staging directory: the MLflow run that writes it, so a rerun after a crash continues
+that run instead of leaving it RUNNING forever."""
 
+
+@dataclass
+class _Plan:
+    """What run_prediction checked before any work."""
+
+    output: Output
+    files: list[str]
+    rows: int
+    features_column: str
+    keep: list[str]
+    has_label: bool
+    regression: bool
+
+
+def _plan(cfg: PredictJobConfig, model: ResolvedModel, output: Output) -> _Plan:
+    """Check the input against the model; choose the columns to keep."""
     p = cfg.predict
-    problems = [f"predict.{key} is required (--{flag})" for key, flag in
-                (("model", "model"), ("input_path", "input"), ("output_path", "output"))
-                if getattr(p, key) in (None, "", [])]
-    collect(problems, PipelineError)
-    output = absolute(p.output_path)
-    inputs = [absolute(x) for x in ([p.input_path] if isinstance(p.input_path, str) else p.input_path)]
-    if _exists(output) and not p.overwrite:
-        raise PipelineError(f"output {p.output_path} already exists: pass --overwrite to replace it "
-                            "or choose another --output")
-
-    uri, mlc, exp_id = tracking.open_experiment(
-        cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-    model = resolve_model(p.model, mlc, uri)
     features_column = cfg.data.features_column or model.meta.get("features_column", "features")
-    files = list_shards(inputs, "--input")
+    files = list_shards(p.input_path, "--input")
     info = inspect_files(files, DataConfig(features_column=features_column, id_column=cfg.data.id_column,
                                            label_column=cfg.data.label_column),
                          "--input", need_label=False)
@@ -291,80 +290,177 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
         raise PipelineError(f"predict.passthrough_columns: {', '.join(missing or keep)} "
                             f"{'not in the input' if missing else 'clashes with an output column'}"
                             f" (input columns: {', '.join(sorted(names))})")
+    # The same staging directory for a rerun of the same job (output, model, columns), so a rerun
+    # after a crash finds the finished chunks.
+    key = hashlib.sha256(json.dumps([output.target, model.uri, features_column, keep]).encode())
+    output.stage_at(key.hexdigest()[:12])
+    return _Plan(output=output, files=files, rows=info.rows, features_column=features_column,
+                 keep=keep, has_label=has_label, regression=regression)
+
+
+def _interrupted_run(mlc, staging: str) -> str | None:
+    """The run of an earlier attempt at this job that never ended (its process was killed)."""
+    fs, inner = filesystem(staging)
+    try:
+        with fs.open_input_stream(f"{inner}/{RUN_FILE}") as fh:
+            run_id = json.loads(fh.read())["run_id"]
+        return run_id if mlc.get_run(run_id).info.status == "RUNNING" else None
+    except Exception:  # noqa: BLE001  (no file, another store, a deleted run: start a new run)
+        return None
+
+
+def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
+                   config_path: str | None = None,
+                   console: Callable[[str], None] = print) -> PredictResult:
+    """Validate, predict with Ray Data, write Parquet atomically, track in MLflow."""
+    p = cfg.predict
+    problems = [f"predict.{key} is required (--{flag})" for key, flag in
+                (("model", "model"), ("input_path", "input"), ("output_path", "output"))
+                if getattr(p, key) in (None, "", [])]
+    collect(problems, PipelineError)
+    # The output's place and ownership are checked before anything else is done.
+    output = Output(p.output_path, "predict", overwrite=p.overwrite,
+                    inputs={"--input": p.input_path}, flag="--output")
+    uri, mlc, exp_id = tracking.open_experiment(
+        cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    model = resolve_model(p.model, mlc, uri)
+    plan = _plan(cfg, model, output)
 
     run_name = cfg.tracking.run_name or f"predict-{model.name or 'model'}-v{model.version or 'x'}-" \
                                         f"{dt.datetime.now():%Y%m%d-%H%M%S}"
     tags = {"model_uri": model.uri, "model_name": str(model.name), "model_version": str(model.version),
-            "model_run_id": str(model.run_id), "input_path": ",".join(files[:20]),
-            "output_path": output}
-    tags["mlflow.note.content"] = report.description(command, config_path, dump_yaml(cfg))
+            "model_run_id": str(model.run_id), "input_path": ",".join(plan.files[:20]),
+            "output_path": output.target}
     tags |= report.source_tags("predict")
-    with tracking.tracked_run(mlc, exp_id, run_name, tags) as run_id:
-        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
-        report.log_datasets(mlc, run_id, [("predict", files, info.rows)], None)
-        console(f"model: {model.uri} (run {model.run_id}); input: {info.rows} rows in {len(files)} files")
-        tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
-            "model.resolved_uri": model.uri, "model.name": model.name, "model.version": model.version,
-            "model.run_id": model.run_id, "input.rows": info.rows})
-        need = p.num_actors * p.cpus_per_actor
-        # Leave at least one CPU for the read tasks: a pool holding every CPU starves them.
-        with ray_connection(cfg.cluster.address, need + 1, p.num_actors if p.use_gpu else 0,
-                            f"{p.num_actors} actors x {p.cpus_per_actor} CPUs plus the reads",
-                            "lower predict.num_actors / predict.cpus_per_actor or add nodes",
-                            cfg.cluster.local_num_cpus):
-            start = time.perf_counter()
-            staging = _staging_path(output, model.uri, features_column, keep)
-            chunks = _chunks(files, p.chunk_bytes)
-            done = 0
-            for i, chunk in enumerate(chunks):
-                target = f"{staging}/chunk-{i:05d}"
-                if _chunk_done(target, chunk):
-                    done += 1
-                    continue
-                _remove(target)
-                ds = read_parquet_columns(chunk, sorted({features_column, *keep}),
-                                          cfg.data.parquet_reader)
-                ds = ds.map_batches(
-                    Predictor,
-                    fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
-                                               features_column=features_column, keep_columns=keep,
-                                               threads=p.cpus_per_actor, use_gpu=p.use_gpu),
-                    batch_size=p.batch_size, batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(size=p.num_actors),
-                    num_cpus=p.cpus_per_actor, num_gpus=1 if p.use_gpu else None,
-                    runtime_env={"env_vars": worker_env(p.reuse_memory)},
-                    udf_modifying_row_count=False,
-                )
-                # Input blocks are small (BLOCK_BYTES); a file per block would be many tiny files.
-                ds.write_parquet(target, min_rows_per_file=OUTPUT_ROWS_PER_FILE)
-                _mark_done(target, chunk)
-            if done:
-                console(f"resumed: {done} of {len(chunks)} input chunks were already predicted "
-                        f"in {staging}")
-            rows = _count_rows(staging)
-            if rows != info.rows:
-                _remove(staging)
-                raise PipelineError(f"wrote {rows} rows for {info.rows} input rows: nothing was "
-                                    "published; rerun the job")
-            _publish(staging, output, p.overwrite)
-            seconds = time.perf_counter() - start
+    resume_run_id = _interrupted_run(mlc, output.staging)
+    if resume_run_id is None:
+        tags["mlflow.note.content"] = report.description(command, config_path, dump_yaml(cfg))
+    else:
+        tags["resumed_with"] = command or "run_prediction()"
+    with tracking.tracked_run(mlc, exp_id, run_name, tags, resume_run_id) as run_id:
+        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {redact(uri)}"
+                + (" (continuing the interrupted run of this job)" if resume_run_id else ""))
+        console(f"model: {model.uri} (run {model.run_id}); input: {plan.rows} rows in "
+                f"{len(plan.files)} files")
+        if resume_run_id is None:
+            report.log_datasets(mlc, run_id, [("predict", plan.files, plan.rows)], None)
+            tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
+                "model.resolved_uri": model.uri, "model.name": model.name,
+                "model.version": model.version, "model.run_id": model.run_id,
+                "input.rows": plan.rows})
+        else:
+            mlc.log_text(run_id, redact(dump_yaml(cfg)), f"config-resume-{int(time.time())}.yaml")
+        start = time.perf_counter()
+        rows = _predict_chunks(cfg, model, plan, run_id, console)
+        seconds = time.perf_counter() - start
         metrics = {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
         accuracy = None
-        if regression and has_label and cfg.data.label_column in keep:
-            metrics |= regression_metrics(output, cfg.data.label_column)
-        elif has_label and cfg.data.label_column in keep:
-            metrics |= report.log_confusion(mlc, run_id, _confusion(output, cfg.data.label_column,
-                                                              model.meta["num_classes"]),
-                                      model.meta.get("class_names"))
+        label = cfg.data.label_column
+        if plan.regression and plan.has_label and label in plan.keep:
+            metrics |= regression_metrics(output.target, label)
+        elif plan.has_label and label in plan.keep:
+            metrics |= report.log_confusion(mlc, run_id, _confusion(output.target, label,
+                                                                    model.meta["num_classes"]),
+                                            model.meta.get("class_names"))
             accuracy = metrics["accuracy"]
         mlc.log_batch(run_id, metrics=_metric_list(metrics))
         rmse_text = (f", RMSE {metrics['rmse']:.4f} MAE {metrics['mae']:.4f} R2 {metrics['r2']:.4f}"
                      if "rmse" in metrics else "")
         console(f"predicted {rows} rows in {seconds:.1f}s ({rows / seconds:.0f} rows/s)"
                 f"{f', accuracy {accuracy:.4f}' if accuracy is not None else ''}"
-                f"{rmse_text} -> {output}")
-        return PredictResult(run_id=run_id, output_path=output, rows=rows, seconds=seconds,
+                f"{rmse_text} -> {output.target}")
+        return PredictResult(run_id=run_id, output_path=output.target, rows=rows, seconds=seconds,
                              rows_per_second=rows / seconds, accuracy=accuracy, model=model)
+
+
+def _no_actor_restarts() -> dict[str, int]:
+    """Ray Data restarts a dead actor from arguments that may have been evicted from the object
+    store (ray-project/ray#53727, and Ray warns on every run); a failed chunk is redone whole
+    instead (predict.max_failures)."""
+    return {"max_restarts": 0, "max_task_retries": 0}
+
+
+def _predict_chunk(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, chunk: list[str],
+                   target: str) -> None:
+    """Ray Data: read the chunk's files, run the actor pool, write Parquet into `target`."""
+    import ray.data
+
+    p = cfg.predict
+    remove(target)
+    ds = read_parquet_columns(chunk, sorted({plan.features_column, *plan.keep}),
+                              cfg.data.parquet_reader)
+    # Ray Data deprecates ray_remote_args_fn for 2.64; where it is gone, its own restarts apply.
+    no_restarts = ({"ray_remote_args_fn": _no_actor_restarts} if "ray_remote_args_fn" in
+                   inspect.signature(ray.data.Dataset.map_batches).parameters else {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
+                                       features_column=plan.features_column,
+                                       keep_columns=plan.keep, threads=p.cpus_per_actor,
+                                       use_gpu=p.use_gpu),
+            batch_size=p.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=p.num_actors),
+            num_cpus=p.cpus_per_actor, num_gpus=1 if p.use_gpu else None,
+            runtime_env={"env_vars": worker_env(p.reuse_memory)},
+            udf_modifying_row_count=False,
+            **no_restarts,
+        )
+    # Input blocks are small (BLOCK_BYTES); a file per block would be many tiny files.
+    ds.write_parquet(target, min_rows_per_file=OUTPUT_ROWS_PER_FILE)
+    _mark_done(target, chunk)
+
+
+def _predict_chunks(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, run_id: str,
+                    console: Callable[[str], None]) -> int:
+    """Predict every chunk not finished by an earlier attempt into the staging directory, then
+    publish it; returns the rows written."""
+    p, output = cfg.predict, plan.output
+    staging = output.prepare()
+    fs, inner = filesystem(staging)
+    with fs.open_output_stream(f"{inner}/{RUN_FILE}") as fh:
+        fh.write(json.dumps({"run_id": run_id}).encode())
+    need = p.num_actors * p.cpus_per_actor
+    # Leave at least one CPU for the read tasks: a pool holding every CPU starves them.
+    with ray_connection(cfg.cluster.address, need + 1, p.num_actors if p.use_gpu else 0,
+                        f"{p.num_actors} actors x {p.cpus_per_actor} CPUs plus the reads",
+                        "lower predict.num_actors / predict.cpus_per_actor or add nodes",
+                        cfg.cluster.local_num_cpus):
+        chunks = _chunks(plan.files, p.chunk_bytes)
+        done = 0
+        for i, chunk in enumerate(chunks):
+            target = f"{staging}/chunk-{i:05d}"
+            if _chunk_done(target, chunk):
+                done += 1
+                continue
+            for attempt in range(p.max_failures + 1):
+                try:
+                    _predict_chunk(cfg, model, plan, chunk, target)
+                    break
+                except Exception as exc:  # noqa: BLE001  (a lost actor or node: redo the chunk)
+                    error = user_error_in(exc)
+                    if error is not None:
+                        raise error from None  # the data's fault: the same on every attempt
+                    if attempt == p.max_failures:
+                        raise PipelineError(f"predicting chunk {i + 1} of {len(chunks)} failed "
+                                            f"{attempt + 1} times ({first_line(exc)}): rerun the "
+                                            "same command to resume; see the Ray logs") from None
+                    console(f"chunk {i + 1} of {len(chunks)} failed ({type(exc).__name__}); "
+                            f"predicting it again ({attempt + 1} of {p.max_failures})")
+    if done:
+        console(f"resumed: {done} of {len(chunks)} input chunks were already predicted in {staging}")
+    rows = _count_rows(staging)
+    if rows != plan.rows:
+        remove(staging)
+        raise PipelineError(f"wrote {rows} rows for {plan.rows} input rows: nothing was "
+                            "published; rerun the job")
+    # The markers served the reruns; the published output holds predictions only.
+    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        if info.base_name in (DONE_MARKER, RUN_FILE):
+            fs.delete_file(info.path)
+    output.publish()
+    return rows
 
 
 def regression_metrics(output: str, label_column: str) -> dict[str, float]:
@@ -396,14 +492,6 @@ def _metric_list(metrics: dict[str, float]):
 
     ts = int(time.time() * 1000)
     return [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
-
-
-def _staging_path(output: str, model_uri: str, features_column: str, keep: list[str]) -> str:
-    """The hidden directory beside the target where a job writes: the same for a rerun of the
-    same job (output, model, columns), so a rerun after a crash finds the finished chunks."""
-    parent, name = os.path.split(output.rstrip("/"))
-    key = hashlib.sha256(json.dumps([output, model_uri, features_column, keep]).encode()).hexdigest()
-    return f"{parent}/.{name}.partial-{key[:12]}"
 
 
 def _chunks(files: list[str], chunk_bytes: int) -> list[list[str]]:
@@ -450,27 +538,3 @@ def _chunk_done(target: str, chunk: list[str]) -> bool:
 def _count_rows(path: str) -> int:
     fs, inner = filesystem(path)
     return sum(f.metadata.num_rows for f in pq.ParquetDataset(inner, filesystem=fs).fragments)
-
-
-def _publish(staging: str, output: str, overwrite: bool) -> None:
-    """Move the finished staging directory into place (a rename on local disks)."""
-    fs, out_inner = filesystem(output)
-    _, staging_inner = filesystem(staging)
-    for info in fs.get_file_info(pafs.FileSelector(staging_inner, recursive=True)):
-        if info.base_name == DONE_MARKER:
-            fs.delete_file(info.path)
-    if overwrite and _exists(output):
-        trash = f"{staging}.old"
-        fs.move(out_inner, filesystem(trash)[1])
-        fs.move(staging_inner, out_inner)
-        _remove(trash)
-    else:
-        fs.move(staging_inner, out_inner)
-
-
-def _remove(path: str) -> None:
-    fs, inner = filesystem(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        shutil.rmtree(inner, ignore_errors=True)
-    elif fs.get_file_info(inner).type != pafs.FileType.NotFound:
-        fs.delete_dir(inner)

@@ -17,8 +17,8 @@ rows or sequences):
    varies, missing values) and turned into `list<list<float32>>` sequences from the run
    boundaries of the sorted ids. Memory is about one part: raise --shards for bigger inputs.
 
-Everything goes into a staging directory beside OUT that is renamed into place at the end:
-OUT appears whole (train/, val/, dataset.json) or not at all. The dataset facts (task, class
+Everything goes into a staging directory beside OUT that is renamed into place at the end
+(`pipeline.storage.Output`): OUT appears whole (train/, val/, dataset.json) or not at all. The dataset facts (task, class
 names, feature names, window/horizon) are in OUT/dataset.json and in every shard's Parquet
 schema metadata (key `lstm_pipeline.dataset`), where training picks the class names up.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +38,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
+from pipeline.storage import Output
 
 META_KEY = b"lstm_pipeline.dataset"
 DATASET_FILE = "dataset.json"
@@ -432,19 +432,13 @@ def prepare(spec: PrepareSpec) -> PrepareResult:
     dataset, fmt = open_table(spec.input)
     where = ", ".join(spec.input) if len(spec.input) <= 3 else f"{spec.input[0]} (+{len(spec.input) - 1})"
     features, label_kind = _resolve_columns(spec, dataset.schema, where)
-    out = os.path.abspath(spec.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not spec.overwrite:
-        raise DataError(f"--out {spec.out} already exists and is not empty: pass --overwrite or "
-                        "choose another --out")
+    output = Output(spec.out, "prepare", overwrite=spec.overwrite, inputs={"--input": spec.input})
     ids, names, rows = _distinct(dataset, spec, label_kind, where)
     part_of_id, train_parts, val_parts = _assign_parts(ids, spec)
     columns = list(dict.fromkeys([spec.id_col, spec.time_col, *features]
                                  + ([spec.label_col] if spec.label_col else [])
                                  + ([spec.target_col] if spec.target_col else [])))
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
-    try:
+    with output.staged() as staging:
         scratch = os.path.join(staging, ".scratch")
         _partition(dataset, columns, spec, ids, part_of_id, scratch)
         task = "regression" if spec.window is not None or label_kind == "regression" else (
@@ -494,13 +488,7 @@ def prepare(spec: PrepareSpec) -> PrepareResult:
         facts["examples"] = counts
         with open(os.path.join(staging, DATASET_FILE), "w") as fh:
             json.dump(facts, fh, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-        os.replace(staging, out)
-        return PrepareResult(out=out, facts=facts, counts=counts)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+    return PrepareResult(out=output.target, facts=facts, counts=counts)
 
 
 def dataset_facts(files: list[str]) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.redact import redact
+
 # --------------------------------------------------------------------------- provenance
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +64,10 @@ def description(command: str | None, config_path: str | None, config_text: str) 
     """The run's description (MLflow note, Markdown): the exact command and the config it ran."""
     parts = []
     if command:
-        parts.append(f"**Command**\n\n```\n{command}\n```")
+        parts.append(f"**Command**\n\n```\n{redact(command)}\n```")
     source = f"`{config_path}`" if config_path else "built-in defaults"
-    parts.append(f"**Config** ({source} plus overrides, resolved)\n\n```yaml\n{config_text.rstrip()}\n```")
+    parts.append(f"**Config** ({source} plus overrides, resolved)\n\n```yaml\n"
+                 f"{redact(config_text.rstrip())}\n```")
     return "\n\n".join(parts)
 
 
@@ -74,7 +77,7 @@ def description(command: str | None, config_path: str | None, config_text: str) 
 def data_digest(files: list[str]) -> str:
     """A fingerprint of the files a job read: paths, sizes and modification times (cheap; no data
     is read, so it works for any dataset size)."""
-    from pipeline.data import filesystem
+    from pipeline.storage import filesystem
 
     h = hashlib.sha256()
     for path in sorted(files):
@@ -106,7 +109,7 @@ def _dataset_class():
 
 def _root(files: list[str]) -> str:
     """The directory (or single file) a split's files share."""
-    from pipeline.data import is_uri
+    from pipeline.storage import is_uri
 
     if len(files) == 1:
         return files[0]

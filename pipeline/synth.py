@@ -11,8 +11,6 @@ of the sequence: a model that forgets scores at chance (1 / num_classes).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
+from pipeline.storage import Output
 
 
 @dataclass
@@ -76,22 +75,15 @@ def _table(rng: np.random.Generator, codebook: np.ndarray, rows: int, spec: Synt
 def write_synthetic(out: str, spec: SynthSpec, overwrite: bool = False) -> dict[str, int]:
     """Write `out/train/*.parquet` and `out/val/*.parquet`; returns row counts per split.
 
-    All-or-nothing: shards are written to a temporary directory beside `out` and moved in place.
+    All-or-nothing, and only over an output of this project (`pipeline.storage.Output`).
     """
     spec.check()
-    out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out):
-        if not overwrite:
-            raise DataError(f"{out} already exists and is not empty: pass --overwrite or choose "
-                            "another --out")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
-    try:
-        codebook = np.random.default_rng(spec.seed).choice(
-            [-spec.signal, spec.signal], size=(spec.num_classes, spec.marker_steps, spec.n_features)
-        ).astype(np.float32)
-        counts = {}
+    output = Output(out, "synth", overwrite=overwrite)
+    codebook = np.random.default_rng(spec.seed).choice(
+        [-spec.signal, spec.signal], size=(spec.num_classes, spec.marker_steps, spec.n_features)
+    ).astype(np.float32)
+    counts = {}
+    with output.staged() as tmp:
         next_id = 0
         for split, rows in (("train", spec.rows), ("val", spec.val_rows)):
             if rows == 0:
@@ -104,10 +96,4 @@ def write_synthetic(out: str, spec: SynthSpec, overwrite: bool = False) -> dict[
                 next_id += len(part)
                 pq.write_table(table, os.path.join(tmp, split, f"part-{i:05d}.parquet"))
             counts[split] = rows
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return counts
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    return counts

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError, TrackingError
+from pipeline.redact import redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MODEL_CODE = str(Path(__file__).with_name("model.py"))
@@ -68,13 +69,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             resp.read()
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
-            raise TrackingError(f"MLflow server at {uri} refused access (HTTP {exc.code}): set "
+            raise TrackingError(f"MLflow server at {redact(uri)} refused access (HTTP {exc.code}): set "
                                 "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN") from None
         # Some proxies do not route /health; any HTTP answer means the server is up.
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(
-            f"MLflow server at {uri} is unreachable ({reason}): start it (`lstm-pipeline ui` or "
+            f"MLflow server at {redact(uri)} is unreachable ({reason}): start it (`lstm-pipeline ui` or "
             "`mlflow server`) or point tracking.tracking_uri / MLFLOW_TRACKING_URI at a running one"
         ) from None
 
@@ -83,6 +84,32 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def checked_client(uri: str, key: str = "tracking.tracking_uri"):
+    """A client whose tracking and registry stores MLflow has opened: its own check that it
+    supports the URI (scheme, driver, store), as one line naming `key` instead of a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    shown = redact(uri)
+    try:
+        mlc = client(uri)
+        mlc.search_experiments(max_results=1)
+        mlc.search_registered_models(max_results=1)
+    except ImportError as exc:
+        raise TrackingError(f"{key} {shown} needs a Python package MLflow could not import "
+                            f"({exc}): install it (e.g. psycopg[binary] for postgresql://, "
+                            "pymysql for mysql+pymysql://)") from None
+    except MlflowException as exc:
+        message = redact(" ".join(str(exc.message).split()))
+        raise TrackingError(f"{key} {shown} is not a store MLflow can use ({message}): use "
+                            "sqlite:///PATH.db, an mlflow server's http(s):// URL or a database "
+                            "URI") from None
+    except Exception as exc:  # noqa: BLE001  (a database that refuses the connection, ...)
+        first = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"{key} {shown} cannot be opened ({first}): check the URI, the "
+                            "server and the credentials") from None
+    return mlc
 
 
 def get_or_create_experiment(mlc, name: str, artifact_location: str | None) -> str:
@@ -104,16 +131,16 @@ def open_experiment(configured_uri: str | None, experiment: str,
     check_reachable(uri)
     # MLflow resolves models:/ URIs (downloads, pyfunc loading, registration) through the global
     # registry URI, whatever a call's tracking_uri says: point both globals at this store.
+    mlc = checked_client(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mlc = client(uri)
     try:
         exp_id = get_or_create_experiment(mlc, experiment,
                                           resolve_artifact_location(uri, artifact_location))
     except PipelineError:
         raise
     except Exception as exc:
-        raise TrackingError(f"MLflow at {uri} failed: {exc}") from None
+        raise TrackingError(f"MLflow at {redact(uri)} failed: {redact(str(exc))}") from None
     return uri, mlc, exp_id
 
 
@@ -122,6 +149,7 @@ def tracked_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str],
                 resume_run_id: str | None = None):
     """Yield a new run's id (or reopen `resume_run_id`); end it FINISHED, FAILED (error tag) or
     KILLED (Ctrl-C), never leaving it RUNNING."""
+    tags = {k: redact(str(v)) for k, v in tags.items()}
     if resume_run_id is None:
         run_id = start_run(mlc, experiment_id, run_name, tags)
     else:
@@ -138,7 +166,7 @@ def tracked_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str],
         raise
     except BaseException as exc:
         end_run(mlc, run_id, "FAILED",
-                str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}")
+                exc.message if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}")
         raise
     end_run(mlc, run_id, "FINISHED")
 
@@ -151,14 +179,15 @@ def start_run(mlc, experiment_id: str, run_name: str, tags: dict[str, str]) -> s
 def end_run(mlc, run_id: str, status: str, error: str | None = None) -> None:
     """FINISHED, FAILED or KILLED; a failure's message goes into the `error` tag."""
     if error:
-        mlc.set_tag(run_id, "error", error[:5000])
+        mlc.set_tag(run_id, "error", redact(error)[:5000])
     mlc.set_terminated(run_id, status=status)
 
 
 def log_params(mlc, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
+    items = [Param(k, "null" if v is None else redact(str(v))[:6000])
+             for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         mlc.log_batch(run_id, params=items[i:i + 100])
 
@@ -275,9 +304,13 @@ def log_model(run_id: str, uri: str, state_dict: dict, meta: dict, input_example
 def register_model(mlc, model_uri: str, run_id: str, name: str, alias: str | None,
                    description: str, tags: dict[str, str]) -> str:
     """Register `model_uri` under `name`, set `alias` on the new version; returns the version."""
+    import contextlib
+    import io
+
     import mlflow
 
-    mv = mlflow.register_model(model_uri, name, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()):  # "Successfully registered model ..." chatter
+        mv = mlflow.register_model(model_uri, name, tags=tags)
     mlc.update_model_version(name, mv.version, description=description)
     if alias:
         mlc.set_registered_model_alias(name, alias, mv.version)

@@ -11,16 +11,15 @@ plain functions of a model and batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import math
 import os
 import random
-import signal
 import tempfile
 import threading
 import time
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -33,13 +32,14 @@ from pipeline.data import (SequenceCollate, TrainData, absolute, filesystem, mak
                            validate_train_data)
 from pipeline.batching import ShardCache
 from pipeline.cluster import ray_connection
-from pipeline.errors import PipelineError, TrainingError
+from pipeline.console import first_line, fit_interruptible, user_error_in
+from pipeline.checkpoints import (CHECKPOINT_FILE, check_resume, config_for_resume,  # noqa: F401
+                                  resume_checkpoint, resume_point, run_dir_name)
+from pipeline.errors import DataError, PipelineError, TrainingError, collect
 from pipeline.model import build_model
 from pipeline.objective import Objective
+from pipeline.redact import redact
 from pipeline.runtime import allocator_in_use, worker_env
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
 
 @dataclass
 class TrainResult:
@@ -344,6 +344,45 @@ def _absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
     return dataclasses.replace(cfg, data=data, train=train)
 
 
+def check_outputs(cfg: TrainJobConfig) -> None:
+    """Before any work: checkpoints, artifacts and a local MLflow store go into directories that
+    can be written and that are not the training or validation data."""
+    from pipeline.storage import check_apart, check_writable_dir
+
+    check_writable_dir(cfg.train.storage_path, "train.storage_path")
+    outputs = {f"train.storage_path {cfg.train.storage_path}": cfg.train.storage_path}
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        outputs[f"the MLflow store {uri}"] = uri[len("sqlite:///"):]
+    artifacts = tracking.resolve_artifact_location(uri, cfg.tracking.artifact_location)
+    if artifacts and artifacts.startswith("file://"):
+        local = urlparse(artifacts).path
+        check_writable_dir(local, "tracking.artifact_location")
+        outputs[f"the MLflow artifact location {local}"] = local
+    inputs = {"data.train_path": cfg.data.train_path}
+    if cfg.data.val_path is not None:
+        inputs["data.val_path"] = cfg.data.val_path
+    # Ray Train and MLflow add their own files and directories there, and delete nothing else.
+    check_apart(outputs, inputs, replaces=False)
+
+
+def check_rows_per_worker(cfg: TrainJobConfig, data: TrainData) -> None:
+    """Every worker needs rows of both splits; known before Ray starts."""
+    n = cfg.scaling.num_workers
+    val = data.val_rows if data.val_rows is not None else int(data.train_rows * cfg.data.val_fraction)
+    problems = []
+    if data.train_rows - (0 if data.val_rows is not None else val) < n:
+        problems.append(f"data.train_path has {data.train_rows} rows for scaling.num_workers={n}: "
+                        "every worker needs at least one; lower scaling.num_workers or add rows")
+    if val < n:
+        where = ("data.val_path has" if data.val_rows is not None else
+                 f"data.val_fraction={cfg.data.val_fraction} holds out about")
+        problems.append(f"{where} {val} validation rows for scaling.num_workers={n}: every "
+                        "worker needs at least one; lower scaling.num_workers, add validation "
+                        "rows or raise data.val_fraction")
+    collect(problems, DataError, "the data")
+
+
 def check_shared_paths(cfg: TrainJobConfig, num_nodes: int) -> list[str]:
     """One warning per local path when the job spans several nodes (`cfg.tracking.tracking_uri`
     already resolved).
@@ -352,7 +391,7 @@ def check_shared_paths(cfg: TrainJobConfig, num_nodes: int) -> list[str]:
     there; a local path only works if every node mounts it at the same place (NFS), so this warns
     instead of failing.
     """
-    from pipeline.data import is_uri
+    from pipeline.storage import is_uri
 
     if num_nodes <= 1:
         return []
@@ -371,24 +410,11 @@ def check_shared_paths(cfg: TrainJobConfig, num_nodes: int) -> list[str]:
 
 
 def _explain_failure(exc: BaseException) -> str:
-    """Find our own user-facing error inside Ray's wrappers, else summarise the worker error."""
-    seen = set()
-    stack = [exc]
-    for failure in getattr(exc, "worker_failures", {}).values():
-        stack.append(failure)
-    first_line = None
-    while stack:
-        e = stack.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, PipelineError):
-            return str(e)
-        if first_line is None and e is not exc:
-            first_line = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        stack += list(getattr(e, "worker_failures", {}).values())
-    return f"training failed on a worker ({first_line or exc}); see the Ray worker logs"
+    """Our own user-facing error inside Ray's wrappers, else a summary of the worker's error."""
+    error = user_error_in(exc)
+    if error is not None:
+        return error.message
+    return f"training failed on a worker ({first_line(exc)}); see the Ray worker logs"
 
 
 def _print_progress(queue, epochs: int, console: Callable[[str], None], stop: threading.Event,
@@ -407,28 +433,6 @@ def _print_progress(queue, epochs: int, console: Callable[[str], None], stop: th
                 f"{m['epoch_seconds']:.1f}s  ETA {eta:.0f}s")
         if m.get("early_stopped"):
             console(f"early stopping: no better validation metric for {patience} epochs")
-
-
-@contextlib.contextmanager
-def _interruptible():
-    """Ctrl-C and SIGTERM during `fit()` abort the workers and surface as KeyboardInterrupt.
-
-    Ray Train's own SIGINT handler aborts the controller (stopping the workers) and then calls
-    sys.exit(0); we turn that into KeyboardInterrupt so the run is marked KILLED, route SIGTERM
-    (a scheduler's stop) through the same path, and restore the handlers afterwards.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    try:
-        yield
-    except SystemExit:
-        raise KeyboardInterrupt from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _shard_rows(data: TrainData, cfg: TrainJobConfig) -> dict[str, int]:
@@ -464,60 +468,6 @@ def _input_example(data: TrainData, cfg: TrainJobConfig):
     files = data.val_files or data.train_files
     batch = next(open_parquet(files[0]).iter_batches(batch_size=2, columns=[cfg.data.features_column]))
     return pd.DataFrame({cfg.data.features_column: batch.column(0).to_pylist()})
-
-
-def ray_run_name(cfg: TrainJobConfig, run_id: str) -> str:
-    """Ray Train's run directory under train.storage_path: one per MLflow run, so a restart or a
-    `--resume` finds that run's checkpoints (Ray restores from the latest automatically)."""
-    return f"{cfg.tracking.experiment}-{run_id[:12]}"
-
-
-def config_for_resume(run_id: str, overrides: list[str]) -> tuple[TrainJobConfig, str]:
-    """The config a run was trained with (its config.yaml artifact) plus new overrides."""
-    import mlflow.exceptions
-
-    probe = load_config(TrainJobConfig, None, overrides)
-    uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
-    tracking.check_reachable(uri)
-    mlc = tracking.client(uri)
-    try:
-        mlc.get_run(run_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = mlc.download_artifacts(run_id, "config.yaml", tmp)
-            cfg = load_config(TrainJobConfig, path, overrides)
-    except mlflow.exceptions.MlflowException as exc:
-        raise PipelineError(f"cannot resume run {run_id} from {uri} ({str(exc).splitlines()[0]}): "
-                            "give the id of a training run in this tracking store") from None
-    return cfg, dump_yaml(cfg)
-
-
-def resume_checkpoint(cfg: TrainJobConfig, run_id: str) -> str | None:
-    """Where `--resume` continues from. None: Ray Train restores by itself from the run directory's
-    checkpoint_manager_snapshot.json. A path: a crash came after a checkpoint was written but
-    before Ray recorded it in the snapshot (the controller writes it after the report), so the
-    newest checkpoint that loads completely is used instead."""
-    import io
-
-    import pyarrow.fs as pafs
-
-    path = f"{cfg.train.storage_path.rstrip('/')}/{ray_run_name(cfg, run_id)}"
-    fs, inner = filesystem(path)
-    if fs.get_file_info(f"{inner}/checkpoint_manager_snapshot.json").type == pafs.FileType.File:
-        return None
-    found = []
-    for info in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        try:
-            with fs.open_input_file(f"{info.path}/{CHECKPOINT_FILE}") as f:
-                state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-            found.append((state["epoch"], info.base_name))
-        except Exception:  # noqa: BLE001  (absent or half-written: not a checkpoint to resume)
-            continue
-    if not found:
-        raise PipelineError(f"run {run_id} has no checkpoint under {path}: it stopped before its "
-                            "first epoch ended, or train.storage_path differs; train it anew")
-    return f"{path}/{max(found)[1]}"
 
 
 def prepared_facts(cfg: TrainJobConfig) -> dict[str, Any]:
@@ -564,9 +514,11 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     import ray
 
     cfg = _absolute_paths(cfg)
+    check_outputs(cfg)
     regression = cfg.model.task == "regression"
     facts = prepared_facts(cfg)
     data = validate_train_data(cfg.data, regression=regression)
+    check_rows_per_worker(cfg, data)
     class_names = dataset_class_names(cfg, data, facts)
     console(f"data: {data.train_rows} training rows in {len(data.train_files)} files, "
             f"{'%d validation rows' % data.val_rows if data.val_rows is not None else 'validation split %.0f%%' % (100 * cfg.data.val_fraction)}, "
@@ -575,11 +527,6 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
                f"{data.num_classes} classes" + (f" ({', '.join(class_names)})" if class_names else "")))
     uri, mlc, exp_id = tracking.open_experiment(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-    resume_from = None
-    if resume_run_id is not None:
-        resume_from = resume_checkpoint(cfg, resume_run_id)
-        exp_id = mlc.get_run(resume_run_id).info.experiment_id
-
     meta = {
         "n_features": data.n_features,
         "num_classes": None if regression else data.num_classes,
@@ -591,6 +538,16 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
         "num_outputs": data.num_outputs,
         "target_normalization": None,
     }
+    resume_from = None
+    if resume_run_id is not None:
+        # Everything a resume could refuse is checked before the run is reopened.
+        point = resume_point(cfg, resume_run_id)
+        check_resume(cfg, point, meta, resume_run_id)
+        resume_from = point.restore_from
+        saved = point.state.get("meta", {})
+        meta["normalization"] = saved.get("normalization")  # the model's own statistics
+        meta["target_normalization"] = saved.get("target_normalization")
+        exp_id = mlc.get_run(resume_run_id).info.experiment_id
     task = getattr(cfg.model, "task", "classification")
     run_name = cfg.tracking.run_name or (
         f"{task}-lstm-h{cfg.model.hidden_size}x{cfg.model.num_layers}"
@@ -614,12 +571,12 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     if resume_run_id is not None:
         tags["resumed_with"] = command or "run_training(resume_run_id=...)"
     with tracking.tracked_run(mlc, exp_id, run_name, tags, resume_run_id) as run_id:
-        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}"
+        console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {redact(uri)}"
                 + (" (resumed)" if resume_run_id else ""))
         if resume_run_id is None:
             tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
                 "data.n_features": data.n_features, "data.num_classes_resolved": data.num_classes})
-            mlc.log_text(run_id, config_text or dump_yaml(cfg), "config.yaml")
+            mlc.log_text(run_id, redact(config_text or dump_yaml(cfg)), "config.yaml")
             digests = report.log_datasets(
                 mlc, run_id, [("train", data.train_files, data.train_rows)]
                 + ([("validation", data.val_files, data.val_rows)] if data.val_files else []),
@@ -627,7 +584,7 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
             mlc.set_tag(run_id, "data_digest", digests["train"])
         else:
             # Params are immutable in MLflow; the config a resume ran with is its own artifact.
-            mlc.log_text(run_id, config_text or dump_yaml(cfg),
+            mlc.log_text(run_id, redact(config_text or dump_yaml(cfg)),
                          f"config-resume-{int(time.time())}.yaml")
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         with ray_connection(cfg.scaling.address, need,
@@ -637,7 +594,7 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
                             cfg.scaling.local_num_cpus):
             resolved = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
             for warning in check_shared_paths(resolved, sum(n["Alive"] for n in ray.nodes())):
-                console(f"WARNING: {warning}")
+                console(f"WARNING: {redact(warning)}")
             result = _fit(cfg, data, meta, run_id, uri, console, resume_from)
         best_ckpt, best_metrics = min(result.best_checkpoints or [(result.checkpoint, result.metrics)],
                                       key=lambda cm: cm[1]["val_loss"])
@@ -709,7 +666,7 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=ray_run_name(cfg, run_id),
+            name=run_dir_name(cfg, run_id),
             storage_path=cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
@@ -726,7 +683,7 @@ def _fit(cfg: TrainJobConfig, data: TrainData, meta: dict[str, Any], run_id: str
                                      cfg.train.early_stopping_patience))
     printer.start()
     try:
-        with _interruptible():
+        with fit_interruptible():
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(_explain_failure(exc)) from None

@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 from pipeline.prepare import DATASET_FILE, META_KEY
+from pipeline.storage import Output
 
 
 def shipped_dir() -> str:
@@ -67,10 +66,8 @@ def write_uea(name: str, out: str, overwrite: bool = False) -> dict:
     if name not in available:
         raise DataError(f"{name!r} is not among the UEA/UCR datasets shipped in the aeon wheel "
                         f"(nothing is downloaded): choose one of {', '.join(available)}")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out) and not overwrite:
-        raise DataError(f"--out {out} already exists and is not empty: pass --overwrite or "
-                        "choose another --out")
+    output = Output(out, "uea", overwrite=overwrite,
+                    inputs={"the aeon dataset": os.path.join(shipped_dir(), name)})
     from aeon.datasets import load_classification
 
     splits = {}
@@ -80,9 +77,7 @@ def write_uea(name: str, out: str, overwrite: bool = False) -> dict:
     names = sorted(set(splits["train"][1]) | set(splits["val"][1]))
     facts = {"source": f"aeon {name} (UEA/UCR archive, shipped in the aeon wheel)",
              "task": "classification", "class_names": names}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.uea-", dir=os.path.dirname(out))
-    try:
+    with output.staged() as staging:
         counts = {}
         for split, (X, y) in splits.items():
             table = _table(X, y, names, split)
@@ -95,10 +90,4 @@ def write_uea(name: str, out: str, overwrite: bool = False) -> dict:
         facts["examples"] = counts
         with open(os.path.join(staging, DATASET_FILE), "w") as fh:
             json.dump(facts, fh, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(staging, out)
-        return facts
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+    return facts

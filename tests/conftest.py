@@ -23,6 +23,8 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 REPO = Path(__file__).resolve().parents[1]
+SECRET = "hunter2-not-for-logs"
+"""A credential the trained fixture is given; tests check it is recorded nowhere."""
 SMALL = dict(rows=1600, val_rows=400, n_features=4, num_classes=3, min_length=4, max_length=14,
              shards=2, seed=7)
 
@@ -98,7 +100,10 @@ def trained(ray_session, synth_dir, tmp_path_factory):
     from pipeline.train import run_training
 
     store = tmp_path_factory.mktemp("store")
-    # Samples system metrics every second, so this short run has some.
-    cfg = small_config(synth_dir, store, **{"tracking.system_metrics_interval": 1})
-    result = run_training(cfg, command="pytest trained fixture")
+    # Samples system metrics every second, so this short run has some. The Ray address (unused:
+    # the session's Ray is running) and the command carry credentials that must not be recorded.
+    cfg = small_config(synth_dir, store, **{"tracking.system_metrics_interval": 1,
+                                            "scaling.address": f"ray://ci:{SECRET}@head:10001"})
+    result = run_training(cfg, command="pytest trained fixture "
+                                       f"tracking.tracking_uri=https://ci:{SECRET}@mlflow.example")
     return {"result": result, "cfg": cfg, "store": store, "data": synth_dir}

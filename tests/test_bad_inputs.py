@@ -7,6 +7,7 @@ no partial output.
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -95,7 +96,75 @@ def build(case: str, tmp: Path, trained) -> tuple[list[str], str, Path | None]:
     if case == "predict_missing_input":
         predict[4] = str(tmp / "nowhere")
         return predict, "does not exist", out
+    return build_more(case, tmp, trained, good, predict, out)
+
+
+def build_more(case: str, tmp: Path, trained, good: list[str], predict: list[str], out: Path):
+    """Outputs that would destroy or mix with an input, late errors moved up front."""
+    synth = trained["data"]
+    copy = tmp / "data" / "s"  # a private copy of the validation shards, for cases that write near them
+    if case.startswith(("predict_output", "predict_overwrite")):
+        for split in ("val", "train"):
+            (copy / split).mkdir(parents=True)
+            for f in (synth / "val").iterdir():
+                (copy / split / f.name).write_bytes(f.read_bytes())
+    if case == "predict_output_is_input":
+        return ([*predict[:3], "--input", str(copy / "val"), "--output", str(copy / "val"),
+                 "--overwrite", *predict[7:]], "is the input --input", None)
+    if case == "predict_output_holds_input":
+        return ([*predict[:3], "--input", str(copy / "val"), "--output", str(copy), "--overwrite",
+                 *predict[7:]], "holds the input --input", None)
+    if case == "predict_output_inside_input":
+        return ([*predict[:3], "--input", str(copy / "val"), "--output", str(copy / "val" / "p"),
+                 *predict[7:]], "is inside the input --input", copy / "val" / "p")
+    if case == "predict_overwrite_foreign":
+        (tmp / "notes").mkdir()
+        (tmp / "notes" / "todo.txt").write_text("mine")
+        return ([*predict[:5], "--output", str(tmp / "notes"), "--overwrite", *predict[7:]],
+                "holds todo.txt, which lstm-pipeline did not write", None)
+    if case == "synth_out_is_cwd":
+        (tmp / "notes.txt").write_text("mine")
+        return ["data", "synth", "--out", ".", "--overwrite"], "is the working directory", None
+    if case == "prepare_out_holds_input":
+        (tmp / "tbl").mkdir()
+        (tmp / "tbl" / "readings.csv").write_text("id,t,v,state\n" + "".join(
+            f"{i},{t},{i * t},{'ab'[i % 2]}\n" for i in range(6) for t in range(3)))
+        return (["data", "prepare", "--input", "tbl/readings.csv", "--out", "tbl", "--overwrite",
+                 "--id-col", "id", "--time-col", "t", "--label-col", "state"],
+                "holds the input --input tbl/readings.csv", None)
+    if case == "tracking_uri_unsupported":
+        return ["train", *good, "tracking.tracking_uri=foo://bar"], "is not a store MLflow can use", None
+    if case == "predict_tracking_uri_unsupported":
+        return ([*predict[:-1], "tracking.tracking_uri=foo://bar"], "is not a store MLflow can use",
+                out)
+    if case == "storage_path_is_file":
+        (tmp / "file.txt").write_text("x")
+        return (["train", *good, f"train.storage_path={tmp / 'file.txt'}"],
+                "train.storage_path", None)
+    if case == "alias_reserved":
+        return ["train", *good, "tracking.alias=v1"], "tracking.alias 'v1' is refused by MLflow", None
+    if case == "model_name_invalid":
+        return (["train", *good, "tracking.registered_model_name=bad/name"],
+                "tracking.registered_model_name 'bad/name' is refused by MLflow", None)
+    if case == "empty_val_path":
+        return ["train", *good[:1], "data.val_path="], "data.val_path is empty", None
+    if case == "rows_fewer_than_workers":
+        tiny = tmp / "tiny"
+        rows = pq.read_table(synth / "train" / "part-00000.parquet")
+        for split, n in (("train", 1), ("val", 2)):  # 1 training row, enough validation rows
+            (tiny / split).mkdir(parents=True)
+            pq.write_table(rows.filter(pa.array(np.asarray(rows.column("label")) == 0)).slice(0, n),
+                           tiny / split / "a.parquet")
+        return (["train", f"data.train_path={tiny / 'train'}", f"data.val_path={tiny / 'val'}",
+                 "scaling.num_workers=2"], "has 1 rows for scaling.num_workers=2", None)
+    if case == "resume_incompatible_override":
+        return (["train", "--resume", trained["result"].run_id, f"tracking.tracking_uri={uri_of(trained)}",
+                 "model.hidden_size=8"], "--resume continues the same model", None)
     raise AssertionError(case)
+
+
+def uri_of(trained) -> str:
+    return trained["result"].tracking_uri
 
 
 CASES = list(DATA_CASES) + [
@@ -103,6 +172,13 @@ CASES = list(DATA_CASES) + [
     "too_many_workers", "unreachable_mlflow", "unreachable_ray", "resume_unknown_run",
     "unknown_model_uri", "unknown_alias", "model_n_features_differs", "output_exists",
     "predict_missing_input",
+    # Outputs that would replace, delete or mix with what the user owns.
+    "predict_output_is_input", "predict_output_holds_input", "predict_output_inside_input",
+    "predict_overwrite_foreign", "synth_out_is_cwd", "prepare_out_holds_input",
+    # Errors that came late or as tracebacks.
+    "tracking_uri_unsupported", "predict_tracking_uri_unsupported", "storage_path_is_file",
+    "alias_reserved", "model_name_invalid", "empty_val_path", "rows_fewer_than_workers",
+    "resume_incompatible_override",
 ]
 
 
@@ -121,6 +197,22 @@ def test_bad_input_is_one_clear_line(case, tmp_path, trained):
         assert not must_not_exist.exists()
     if case == "output_exists":
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    # Nothing the user had was touched, and no output appeared next to it.
+    if case.startswith("predict_output"):
+        assert sorted(p.name for p in (tmp_path / "data" / "s").iterdir()) == ["train", "val"]
+        assert sorted(p.name for p in (tmp_path / "data" / "s" / "val").iterdir()) == \
+            sorted(p.name for p in (trained["data"] / "val").iterdir())
+    if case == "predict_overwrite_foreign":
+        assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    if case == "synth_out_is_cwd":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    if case == "prepare_out_holds_input":
+        assert sorted(p.name for p in (tmp_path / "tbl").iterdir()) == ["readings.csv"]
+    if case == "resume_incompatible_override":
+        mlc = tracking.client(trained["result"].tracking_uri)
+        assert mlc.get_run(trained["result"].run_id).info.status == "FINISHED"
+    hidden = [p.name for p in tmp_path.rglob(".*partial*")]
+    assert not hidden, hidden
     for store in (tmp_path / "mlflow.db", Path(trained["result"].tracking_uri[len("sqlite:///"):])):
         if store.exists():
             mlc = tracking.client(f"sqlite:///{store}")

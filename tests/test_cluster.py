@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-from jobs.submit import (EXCLUDES, build_entrypoint, build_runtime_env, failure_summary,
-                         relative_path_warnings, resolve_address, resolve_auth_token)
+from jobs.submit import (EXCLUDES, build_entrypoint, build_runtime_env, check_no_secrets,
+                         failure_summary, plaintext_remote, relative_path_warnings, resolve_address,
+                         resolve_auth_token)
 from pipeline.config import TrainJobConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.train import check_shared_paths
@@ -76,11 +77,13 @@ def test_entrypoint_and_runtime_env():
         "python -m jobs.predict --model models:/m@current"
     with pytest.raises(ConfigError, match="unknown stage"):
         build_entrypoint("evaluate", [])
+    # No secret goes into the job's metadata: MLflow's credentials stay in this shell.
     env = build_runtime_env(REPO, {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_TRACKING_TOKEN": "t",
+                                   "MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p",
                                    "AWS_SECRET_ACCESS_KEY": "never", "RAY_AUTH_TOKEN": "never"})
     assert env["working_dir"] == str(REPO)
     commit = env["env_vars"].pop("LSTM_PIPELINE_GIT_COMMIT", None)
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_TRACKING_TOKEN": "t",
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000",
                                "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     if (REPO / ".git").exists():  # the job records the submitting checkout's commit
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
@@ -106,6 +109,43 @@ def test_package_leaves_out_data_runs_and_venvs(tmp_path):
                 lambda p: shipped.append(str(p.relative_to(root))) if p.is_file() else None,
                 include_gitignore=False)
     assert sorted(shipped) == ["conf/train.yaml", "jobs/train.py", "pipeline/data.py", "pyproject.toml"]
+
+
+def test_credentials_in_the_job_command_or_uri_are_refused():
+    check_no_secrets("python -m jobs.train data.train_path=s3://b/t", {"MLFLOW_TRACKING_URI": "http://m:5000"})
+    with pytest.raises(ConfigError, match=r"MLFLOW_TRACKING_URI=http://ci:\*\*\*@m:5000 carries a credential"):
+        check_no_secrets("python -m jobs.train", {"MLFLOW_TRACKING_URI": "http://ci:pw@m:5000"})
+    with pytest.raises(ConfigError, match=r"tracking_uri=https://\*\*\*@m/` carries a credential") as err:
+        check_no_secrets("python -m jobs.train tracking.tracking_uri=https://tok123@m/", {})
+    assert "tok123" not in str(err.value)
+
+
+def test_a_token_over_plain_http_is_warned_about():
+    assert plaintext_remote("http://10.1.2.3:8265") and plaintext_remote("http://head:8265")
+    assert not plaintext_remote("https://head:8265")
+    assert not plaintext_remote("http://127.0.0.1:8265") and not plaintext_remote("http://localhost:8265")
+    assert not plaintext_remote("http://[::1]:8265")
+
+
+def test_package_leaves_out_secrets_and_what_gitignore_ignores(tmp_path):
+    """The zip Ray would upload as the working_dir (Ray's own packaging, .gitignore honoured as
+    submit makes sure it is), over a project with secrets lying around."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    root = tmp_path / "proj"
+    shipped_files = ["pyproject.toml", "jobs/train.py", "pipeline/data.py", "conf/train.yaml", ".gitignore"]
+    secret_files = [".env", ".env.prod", "secrets.yaml", "conf/db-secret.yaml", "key.pem", "tls.key",
+                    "id_rsa", ".netrc", ".aws/credentials", "gcp-credentials.json", "scratch/notes.md",
+                    "big.ckpt"]
+    for rel in shipped_files + secret_files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    (root / ".gitignore").write_text("scratch/\n*.ckpt\n")
+    create_package(str(root), tmp_path / "pkg.zip", include_gitignore=True, excludes=list(EXCLUDES))
+    names = [n for n in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not n.endswith("/")]
+    assert sorted(names) == sorted(shipped_files)
 
 
 def test_failure_summary_picks_the_jobs_error_line():

@@ -206,8 +206,9 @@ def test_rayjob_trains_on_gpu_workers_with_the_project_image():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert gpu_group["replicas"] * int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= cfg.scaling.num_workers
     for container in (head, worker):
-        [uri] = [e for e in container["env"] if e["name"] == "MLFLOW_TRACKING_URI"]
-        assert "secretKeyRef" in uri["valueFrom"]
+        env = {e["name"]: e for e in container["env"]}
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name], name
     # Shared storage: a pod's local disk is invisible to the others.
     assert all(p.startswith("s3://") for p in (cfg.data.train_path, cfg.data.val_path, cfg.train.storage_path))
     assert cluster["authOptions"]["mode"] == "token"

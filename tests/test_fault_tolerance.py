@@ -137,6 +137,22 @@ def test_kill_the_driver_then_resume_into_the_same_run(synth_dir, tmp_path):
         resume_checkpoint(cfg, run_id)
 
 
+def test_resuming_a_run_with_nothing_left_to_train_changes_nothing(trained, tmp_path):
+    res = trained["result"]
+    mlc = tracking.client(res.tracking_uri)
+    before = mlc.get_run(res.run_id)
+    versions = sorted(v.version for v in mlc.search_model_versions("name='lstm-classifier'"))
+    current = mlc.get_model_version_by_alias("lstm-classifier", "current").version
+    proc = run_cli("train", "--resume", res.run_id, f"tracking.tracking_uri={res.tracking_uri}",
+                   cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run {res.run_id} has trained 4 of train.epochs=4 epochs: nothing to do" in proc.stdout
+    after = mlc.get_run(res.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
+    assert sorted(v.version for v in mlc.search_model_versions("name='lstm-classifier'")) == versions
+    assert mlc.get_model_version_by_alias("lstm-classifier", "current").version == current
+
+
 def test_resume_errors_are_one_line(tmp_path, synth_dir):
     proc = run_cli("train", "--resume", "0123456789abcdef", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

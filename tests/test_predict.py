@@ -81,13 +81,13 @@ def test_unlabelled_input_and_overwrite(ray_session, trained, tmp_path):
     src = pq.read_table(trained["data"] / "val" / "part-00000.parquet").drop_columns(["label"])
     (tmp_path / "in").mkdir()
     pq.write_table(src, tmp_path / "in" / "x.parquet")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
+    # An output an earlier predict wrote (with labels): --overwrite replaces all of it.
+    run_prediction(predict_config(trained, trained["data"] / "val", tmp_path / "out"))
+    assert pq.read_table(tmp_path / "out").num_rows == 400
     cfg = predict_config(trained, tmp_path / "in", tmp_path / "out", "predict.overwrite=true")
     res = run_prediction(cfg)
     out = pq.read_table(tmp_path / "out")
-    assert out.num_rows == src.num_rows and "label" not in out.column_names
-    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert out.num_rows == src.num_rows and "label" not in out.column_names  # none of the old rows
     assert res.accuracy is None
     assert "accuracy" not in tracking.client(trained["result"].tracking_uri).get_run(res.run_id).data.metrics
 
@@ -116,8 +116,9 @@ def test_a_failed_job_publishes_nothing_and_a_rerun_resumes(ray_session, trained
     assert not (tmp_path / "out").exists()
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert len(staging) == 1
-    assert sorted(p.name for p in staging[0].iterdir()) == ["chunk-00000", "chunk-00001", "chunk-00002",
-                                                             "chunk-00003"]
+    # The finished chunks, the one that failed, and the run that wrote them (for a rerun).
+    assert sorted(p.name for p in staging[0].iterdir()) == ["_RUN.json", "chunk-00000", "chunk-00001",
+                                                             "chunk-00002", "chunk-00003"]
     first = {p.name: p.stat().st_mtime_ns for p in (staging[0] / "chunk-00000").glob("*.parquet")}
     mlc = tracking.client(trained["result"].tracking_uri)
     exp = mlc.get_experiment_by_name("lstm-pipeline-predict").experiment_id

@@ -115,3 +115,18 @@ def test_the_model_version_says_what_it_is(trained):
     assert info.signature.inputs.input_names() == ["features"]
     assert "prediction" in info.signature.outputs.input_names()
     assert info.saved_input_example_info is not None
+
+
+def test_no_credential_is_recorded(trained, tmp_path):
+    """The fixture's command and config carry a password (conftest.SECRET): params, tags, the
+    description and the config artifact show the URIs with *** instead."""
+    from conftest import SECRET
+
+    res = trained["result"]
+    mlc = tracking.client(res.tracking_uri)
+    run = mlc.get_run(res.run_id)
+    texts = list(run.data.params.values()) + list(run.data.tags.values())
+    texts.append(open(mlc.download_artifacts(res.run_id, "config.yaml", str(tmp_path))).read())
+    assert not [t for t in texts if SECRET in t]
+    assert run.data.params["scaling.address"] == "ray://ci:***@head:10001"
+    assert "https://ci:***@mlflow.example" in run.data.tags["mlflow.note.content"]
