@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 def add_size_args(ap, rows=10_000, val_rows=2_000, length=100, features=16, hidden=128,
                   batch=256, epochs=4, rounds=3) -> None:
-    """The issue's full-size defaults; pass smaller values for a quick check."""
+    """The full-size defaults; pass smaller values for a quick check."""
     ap.add_argument("--rows", type=int, default=rows, help="training sequences")
     ap.add_argument("--val-rows", type=int, default=val_rows, help="validation sequences")
     ap.add_argument("--length", type=int, default=length, help="time steps per sequence (T)")

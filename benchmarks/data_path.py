@@ -1,6 +1,6 @@
 """Data path: Parquet shard -> padded batch tensors, Ray Data vs raw pyarrow; and the data wait.
 
-    python benchmarks/data_path.py                          # issue 7 sizes, 3 rounds
+    python benchmarks/data_path.py                          # full-size defaults, 3 rounds
     python benchmarks/data_path.py --rows 2000 --val-rows 400 --length 20 --hidden 32 \\
         --epochs 2 --rounds 1                               # a quick check
 
@@ -41,7 +41,8 @@ def main() -> None:
     import ray
     import torch
     from pipeline.data import SequenceCollate, read_parquet_columns
-    from pipeline.model import pad_arrow
+    from pipeline.model import ModelSpec, pad_arrow
+    from pipeline.task import Classification
 
     work = common.workdir(args)
     data = common.write_data(os.path.join(work, "data"), args)
@@ -62,7 +63,9 @@ def main() -> None:
         assert n == args.rows
         return n / (time.perf_counter() - start)
 
-    collate = SequenceCollate("features", "label", args.classes, args.features)
+    collate = SequenceCollate("features", "label",
+                              Classification(ModelSpec(n_features=args.features, num_outputs=args.classes)),
+                              args.features)
 
     def ray_side(v2: bool) -> list[float]:
         rates = []

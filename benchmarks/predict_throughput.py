@@ -51,7 +51,8 @@ def main() -> None:
 
     from pipeline import tracking
     from pipeline.config import PredictJobConfig, load_config
-    from pipeline.model import LSTMClassifier, pad_arrow
+    from pipeline.model import ModelSpec, build_model, pad_arrow
+    from pipeline.task import task_for
     from pipeline.predict import run_prediction
     from pipeline.synth import SynthSpec, write_synthetic
 
@@ -63,13 +64,12 @@ def main() -> None:
     mlc = tracking.client(uri)
     exp = tracking.get_or_create_experiment(mlc, "bench", f"file://{work}/artifacts")
     run_id = tracking.start_run(mlc, exp, "bench-model", {})
-    meta = {"n_features": 8, "num_classes": 4, "class_names": None, "features_column": "features",
-            "model": {"hidden_size": args.hidden, "num_layers": 1, "dropout": 0.0,
-                      "bidirectional": False}, "normalization": None}
+    spec = ModelSpec(n_features=8, num_outputs=4, hidden_size=args.hidden)
     torch.manual_seed(0)
-    module = LSTMClassifier(8, 4, args.hidden)
+    module = build_model(spec)
     example = pq.read_table(files[0]).slice(0, 2).select(["features"]).to_pandas()
-    model_uri = tracking.log_model(run_id, uri, module.state_dict(), meta, example)
+    model_uri = tracking.log_model(run_id, uri, module.state_dict(), spec,
+                                   task_for(spec).signature(), example)
     tracking.register_model(mlc, model_uri, run_id, "bench", "current", "benchmark", {})
     tracking.end_run(mlc, run_id, "FINISHED")
 

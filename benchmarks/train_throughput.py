@@ -1,6 +1,6 @@
 """Training throughput: lstm-pipeline vs the seed's plain loop vs PyTorch Lightning, one run.
 
-    python benchmarks/train_throughput.py                      # issue 7 sizes, 3 rounds
+    python benchmarks/train_throughput.py                      # full-size defaults, 3 rounds
     python benchmarks/train_throughput.py --rows 2000 --val-rows 400 --length 20 --hidden 32 \\
         --epochs 3 --rounds 1                                  # a quick check
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import click
 
 from jobs.data import data
-from jobs.predict import predict
 from jobs.jobs_cmd import jobs_cmd
+from jobs.predict import predict
 from jobs.submit import submit
 from jobs.train import train
 from jobs.ui import ui

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
+from pathlib import Path
 
 import click
 
 from pipeline.console import install_stop_handler
 from pipeline.errors import PipelineError
 from pipeline.redact import redact
+
+
+def command_line() -> str:
+    """The command as the user typed it, for the run's description."""
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -59,10 +66,31 @@ def quiet_libraries(progress_bars: bool = False) -> None:
     if not progress_bars:  # not a warning about the job: that they are off is what we asked for
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # Ray Data logs a failed task at ERROR on the console before raising it; the command reports
-    # the failure itself, in one line, so the console keeps Ray Data's warnings only (its log
-    # file keeps everything).
-    import ray.data  # noqa: F401  (configures Ray Data's handlers)
+    # the failure itself, in one line (pipeline/ray_data_logging.yaml).
+    import pipeline
 
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.addFilter(lambda record: record.levelno < logging.ERROR)
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG",
+                          str(Path(pipeline.__file__).with_name("ray_data_logging.yaml")))
+
+
+def parse_stage(stage: str, args: list[str]) -> dict:
+    """Parse ARGS with the stage's own click command, without running it: the leaf's params
+    (`submit` checks a job's arguments here before sending it to a cluster)."""
+    import importlib
+
+    from pipeline.errors import ConfigError
+
+    cmd: click.Command = getattr(importlib.import_module(f"jobs.{stage}"), stage)
+    name, rest = stage, list(args)
+    try:
+        while isinstance(cmd, click.Group):
+            if not rest or rest[0] not in cmd.commands:
+                got = f", got {rest[0]!r}" if rest else ""
+                raise click.UsageError(f"expected a command, one of {', '.join(sorted(cmd.commands))}{got}")
+            name, cmd, rest = f"{name} {rest[0]}", cmd.commands[rest[0]], rest[1:]
+        with cmd.make_context(name, rest) as ctx:
+            return dict(ctx.params)
+    except click.exceptions.Exit:
+        raise  # --help was asked for
+    except click.ClickException as exc:
+        raise ConfigError(f"{name}: {exc.format_message()}") from None

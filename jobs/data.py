@@ -36,7 +36,7 @@ def data() -> None:
 @click.option("--noise", default=1.0, show_default=True, help="Standard deviation of the noise.")
 @click.option("--shards", default=4, show_default=True, help="Parquet files per split.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same files).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if an earlier run of this project wrote it.")
 @user_errors
 def synth(out, rows, val_rows, n_features, num_classes, min_length, max_length, marker_steps,
           signal, noise, shards, seed, overwrite) -> None:
@@ -84,7 +84,7 @@ def _columns(value: str | None) -> list[str] | None:
 @click.option("--stride", default=1, show_default=True,
               help="Forecasting: steps between consecutive windows.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the train/validation split.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if an earlier run of this project wrote it.")
 @user_errors
 def prepare(inputs, out, id_col, time_col, feature_cols, label_col, val_fraction, shards, missing,
             window, horizon, target_col, stride, seed, overwrite) -> None:
@@ -103,20 +103,8 @@ def prepare(inputs, out, id_col, time_col, feature_cols, label_col, val_fraction
                        val_fraction=val_fraction, shards=shards, seed=seed, missing=missing,
                        window=window, horizon=horizon, target_col=target_col, stride=stride,
                        overwrite=overwrite)
-    result = run_prepare(spec)
-    f = result.facts
-    what = "forecasting windows" if f["window"] else "sequences"
-    click.echo(f"read {f['input_rows']} rows of {f['sequences']} sequences; wrote "
-               f"{result.counts['train']} training and {result.counts['val']} validation {what} "
-               f"to {result.out}")
-    click.echo(f"features:    {', '.join(f['features'])}")
-    if f["class_names"]:
-        click.echo(f"classes:     {', '.join(f'{i}={n}' for i, n in enumerate(f['class_names']))}")
-    if f["window"]:
-        click.echo(f"forecast:    {f['window']} steps of {', '.join(f['features'])} -> next "
-                   f"{f['horizon']} value(s) of {f['target_column']}")
-    if f["task"] == "regression":
-        click.echo("train with:  model.task=regression")
+    for line in run_prepare(spec).summary_lines():
+        click.echo(line)
 
 
 @data.command()
@@ -124,7 +112,7 @@ def prepare(inputs, out, id_col, time_col, feature_cols, label_col, val_fraction
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory to create: OUT/train (the archive's TRAIN split), OUT/val (TEST).")
 @click.option("--list", "list_names", is_flag=True, help="List the datasets the aeon wheel ships.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if an earlier run of this project wrote it.")
 @user_errors
 def uea(name, out, list_names, overwrite) -> None:
     """Real UEA/UCR classification data from the files shipped inside the aeon wheel (the `uea`
@@ -157,33 +145,12 @@ def uea(name, out, list_names, overwrite) -> None:
 def check(paths, features_column, label_column, no_label, regression, num_classes,
           sample_rows) -> None:
     """Validate shards (directories, globs or files) and print a summary."""
-    from pipeline.config import DataConfig
-    from pipeline.data import inspect_files, list_shards
-    from pipeline.errors import DataError, collect
+    from pipeline.shards import check_shards
 
-    cfg = DataConfig(train_path=list(paths), val_path=None, val_fraction=0.5,
-                     features_column=features_column, label_column=label_column,
-                     num_classes=num_classes, sample_rows=sample_rows or 1)
-    files = list_shards(list(paths), "data")
-    info = inspect_files(files, cfg, "data", need_label=not no_label, full_scan=sample_rows is None,
-                         regression=regression)
-    problems = list(info.problems)
-    if num_classes is not None and info.label_max is not None and info.label_max >= num_classes:
-        problems.append(f"label {info.label_max} is out of range for {num_classes} classes")
-    collect(problems, DataError, "the data")
-    pct = info.length_percentiles()
-    click.echo(f"files:       {len(files)}")
-    click.echo(f"rows:        {info.rows}")
-    click.echo(f"n_features:  {info.n_features}")
-    click.echo("lengths:     " + "  ".join(f"p{q}={v}" if q < 100 else f"max={v}" for q, v in pct.items())
-               + ("" if sample_rows is None else f"  (first {sample_rows} rows per file)"))
-    if info.class_counts:
-        click.echo("classes:     " + "  ".join(f"{k}:{v}" for k, v in sorted(info.class_counts.items())))
-    elif regression and not no_label:
-        click.echo(f"targets:     {info.num_outputs} per row")
-    elif not no_label:
-        click.echo(f"labels:      {info.label_min}..{info.label_max}")
-    click.echo("ok")
+    for line in check_shards(list(paths), features_column=features_column,
+                             label_column=None if no_label else label_column,
+                             regression=regression, num_classes=num_classes, sample_rows=sample_rows):
+        click.echo(line)
 
 
 if __name__ == "__main__":

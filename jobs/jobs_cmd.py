@@ -17,7 +17,8 @@ import time
 import click
 
 from jobs.common import user_errors
-from jobs.submit import ADDRESS, Cluster, failure_summary
+from jobs.submit import ADDRESS
+from pipeline.remote import Cluster, failure_summary
 
 
 @click.group("jobs", context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,7 +32,7 @@ def jobs_cmd() -> None:
 def list_jobs(address: str | None) -> None:
     """Every job the cluster knows, oldest first."""
     cluster = Cluster(address)
-    jobs = sorted(cluster.call(cluster.client.list_jobs), key=lambda j: j.start_time or 0)
+    jobs = cluster.jobs()
     for job in jobs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) \
             if job.start_time else "-"
@@ -65,9 +66,9 @@ def logs(job_id: str, address: str | None, follow: bool) -> None:
     cluster = Cluster(address)
     if follow:
         cluster.info(job_id)  # an unknown id is a clear error, not an empty stream
-        cluster.stream_logs(job_id, click.echo)
+        cluster.stream_logs(job_id, lambda chunk: click.echo(chunk, nl=False))
     else:
-        click.echo(cluster.call(cluster.client.get_job_logs, job_id), nl=False)
+        click.echo(cluster.logs(job_id), nl=False)
 
 
 @jobs_cmd.command("stop")
@@ -79,7 +80,7 @@ def stop(job_id: str, address: str | None) -> None:
     from `submit`). A training job stopped while it trains ends its MLflow run KILLED.
     """
     cluster = Cluster(address)
-    if cluster.call(cluster.client.stop_job, job_id):
+    if cluster.stop(job_id):
         click.echo(f"stopping job {job_id}")
     else:
         click.echo(f"job {job_id} already ended: {cluster.info(job_id).status}")

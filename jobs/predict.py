@@ -8,13 +8,25 @@
 
 from __future__ import annotations
 
-import os
-import shlex
 import sys
 
 import click
 
-from jobs.common import quiet_libraries, user_errors
+from jobs.common import command_line, quiet_libraries, user_errors
+
+
+def predict_config(config_path: str | None, model: str | None, input_path, output_path: str | None,
+                   overwrite: bool | None, overrides):
+    """The predict config of a `-c` file (optional), the flags and KEY=VALUE overrides."""
+    from pipeline.config import PredictJobConfig, load_config
+
+    flags = {"predict.model": model,
+             "predict.input_path": (list(input_path) if len(input_path) > 1 else input_path[0])
+             if input_path else None,
+             "predict.output_path": output_path,
+             "predict.overwrite": overwrite}
+    return load_config(PredictJobConfig, config_path, list(overrides),
+                       values={k: v for k, v in flags.items() if v is not None})
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +38,8 @@ from jobs.common import quiet_libraries, user_errors
 @click.option("--input", "input_path", multiple=True,
               help="Shards: a directory, glob or file (local or URI); repeat for several.")
 @click.option("--output", "output_path", help="Directory to create with the predictions.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --output.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace an existing --output that an earlier predict wrote.")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @user_errors
 def predict(config_path, model, input_path, output_path, overwrite, overrides) -> None:
@@ -38,19 +51,11 @@ def predict(config_path, model, input_path, output_path, overwrite, overrides) -
     accuracy, per-class precision/recall and a confusion matrix. A regression model writes
     `prediction` as a double (list<double> for a multi-step forecast) and logs MAE, RMSE, R^2.
     """
-    quiet_libraries(progress_bars=True)
-    from pipeline.config import PredictJobConfig, load_config
+    quiet_libraries(progress_bars=sys.stderr.isatty())  # Ray Data's bars, on a terminal only
     from pipeline.predict import run_prediction
 
-    flags = {"predict.model": model,
-             "predict.input_path": (list(input_path) if len(input_path) > 1 else input_path[0])
-             if input_path else None,
-             "predict.output_path": output_path,
-             "predict.overwrite": overwrite}
-    cfg = load_config(PredictJobConfig, config_path, list(overrides),
-                      values={k: v for k, v in flags.items() if v is not None})
-    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
-    run_prediction(cfg, command=command, config_path=config_path, console=click.echo)
+    cfg = predict_config(config_path, model, input_path, output_path, overwrite, overrides)
+    run_prediction(cfg, command=command_line(), config_path=config_path, console=click.echo)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@
 
 from __future__ import annotations
 
-import os
-import shlex
-import sys
-
 import click
 
-from jobs.common import quiet_libraries, user_errors
+from jobs.common import command_line, quiet_libraries, user_errors
+
+
+def train_config(config_path: str | None, overrides):
+    """The training config of a `-c` file (optional) and KEY=VALUE overrides."""
+    from pipeline.config import TrainJobConfig, load_config
+
+    return load_config(TrainJobConfig, config_path, list(overrides))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,49 +38,27 @@ def train(config_path: str | None, resume_run_id: str | None, overrides: tuple[s
     """
     quiet_libraries()
     from pipeline.checkpoints import NothingToDo, config_for_resume
-    from pipeline.config import TrainJobConfig, dump_yaml, load_config
+    from pipeline.config import dump_yaml
     from pipeline.errors import ConfigError
-    from pipeline.redact import redact
     from pipeline.train import run_training
 
+    if resume_run_id and config_path:
+        raise ConfigError("--resume uses the config the run was trained with: drop -c and pass "
+                          "changes as key=value overrides")
     if resume_run_id:
-        if config_path:
-            raise ConfigError("--resume uses the config the run was trained with: drop -c and "
-                              "pass changes as key=value overrides")
         cfg, text = config_for_resume(resume_run_id, list(overrides))
     else:
-        cfg = load_config(TrainJobConfig, config_path, list(overrides))
+        cfg = train_config(config_path, overrides)
         text = dump_yaml(cfg)
-    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
     try:
-        result = run_training(cfg, config_text=text, command=command, config_path=config_path,
+        result = run_training(cfg, config_text=text, command=command_line(), config_path=config_path,
                               resume_run_id=resume_run_id, console=click.echo)
     except NothingToDo as done:
         click.echo(str(done))  # the run, its versions and the alias stay as they were
         return
     click.echo("")
-    click.echo(f"run id:          {result.run_id}")
-    if result.version:
-        alias = f" (alias @{cfg.tracking.alias})" if cfg.tracking.alias else ""
-        click.echo(f"registered:      models:/{result.registered_name}/{result.version}{alias}")
-    click.echo(f"model:           {result.model_uri}")
-    if "val_rmse" in result.val_metrics:
-        m = result.val_metrics
-        click.echo(f"val RMSE:        {m['val_rmse']:.4f}  MAE {m['val_mae']:.4f}  R2 {m['val_r2']:.4f} "
-                   f"(best val_loss {result.val_loss:.4f})")
-    else:
-        click.echo(f"val accuracy:    {result.val_accuracy:.4f} (best val_loss {result.val_loss:.4f})")
-    shown = redact(result.tracking_uri)
-    ui = "lstm-pipeline ui" if result.tracking_uri.startswith("sqlite:") else f"open {shown}"
-    click.echo(f"open the UI:     {ui}"
-               + (f" --tracking-uri {shown}" if ui == "lstm-pipeline ui"
-                  and result.tracking_uri != _default_uri() else ""))
-
-
-def _default_uri() -> str:
-    from pipeline.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(None)
+    for line in result.summary_lines():
+        click.echo(line)
 
 
 if __name__ == "__main__":

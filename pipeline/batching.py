@@ -85,9 +85,9 @@ class ShardCache:
     """A worker's Ray Data shard, kept in memory after one full pass when it fits `max_bytes`.
 
     Ray Data starts a new streaming execution for every pass over a shard: read tasks, the split
-    coordinator, the first blocks in flight. Measured at issue 7's size (10k sequences of
-    100 x 16, 2 workers) that start-up and the streaming kept rank 0 waiting for data 45% of its
-    training pass. A small shard is therefore recorded as Arrow windows during its first pass and
+    coordinator, the first blocks in flight. Measured on 10k sequences of 100 x 16 with 2 workers
+    (benchmarks/data_path.py), that start-up and the streaming kept rank 0 waiting for data 45% of
+    its training pass. A small shard is therefore recorded as Arrow windows during its first pass and
     replayed from memory afterwards: the same rows in the same windows, bucketed again with each
     epoch's seed, so the batches are exactly those a streamed epoch would give. A shard larger
     than `max_bytes` (Arrow bytes) streams every epoch and the worker's memory stays flat.
@@ -124,10 +124,10 @@ class ShardCache:
         if recorded is not None:  # only a complete pass is replayed
             self.windows, self.rows_per_window = recorded, rows_per_window
 
-    def batches(self, collate, batch_size: int, window: int, column: str, seed: int, epoch: int,
+    def batches(self, *, collate, batch_size: int, window: int, column: str, seed: int, epoch: int,
                 rank: int = 0) -> Iterable:
         """Collated batches for one epoch: bucketed within windows of `window` batches when
-        `window > 1`, else in stream order."""
+        `window > 1` (see `bucketed_batches` for the seeds), else in stream order."""
         if window <= 1:
             return map(collate, (piece for table in self.iter_windows(batch_size)
                                  for piece in _slices(table, batch_size)))

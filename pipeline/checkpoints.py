@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import TrainJobConfig, dump_yaml, load_config, to_dict
+from pipeline.config import TrainJobConfig, dump_yaml, flatten, load_config, to_dict
 from pipeline.errors import PipelineError
+from pipeline.model import ModelSpec
 from pipeline.redact import redact
 from pipeline.storage import filesystem
 
@@ -114,23 +115,22 @@ def resume_checkpoint(cfg: TrainJobConfig, run_id: str) -> str | None:
     return resume_point(cfg, run_id).restore_from
 
 
-def check_resume(cfg: TrainJobConfig, point: ResumePoint, meta: dict[str, Any], run_id: str) -> None:
-    """Refuse, before the run is reopened, a resume that changes the model or the data's shape;
-    raise NothingToDo when no epoch is left to train."""
-    from pipeline.config import flatten
-
+def check_resume(cfg: TrainJobConfig, point: ResumePoint, spec, run_id: str) -> None:
+    """Refuse, before the run is reopened, a resume that changes the model (`spec`: the one the
+    new config and data call for) or the data's shape; raise NothingToDo when no epoch is left."""
     saved_cfg = flatten(point.state.get("config", {}))
     new_cfg = flatten(to_dict(cfg))
     problems = [f"{key} is {saved_cfg[key]!r} in run {run_id}'s checkpoint but {new_cfg[key]!r} "
                 "now: --resume continues the same model; drop that override, or train a new run"
                 for key in MODEL_KEYS if key in saved_cfg and saved_cfg[key] != new_cfg[key]]
-    saved = point.state.get("meta", {})
-    for key, what in (("n_features", "features per step"), ("num_classes", "classes"),
-                      ("num_outputs", "regression outputs")):
-        if key in saved and saved[key] != meta.get(key) and not problems:
-            problems.append(f"the data has {meta.get(key)} {what}, run {run_id}'s model "
-                            f"{saved[key]}: --resume needs data of the same shape; point "
-                            "data.train_path / data.val_path at it, or train a new run")
+    saved = ModelSpec.from_dict(point.state["meta"])
+    what = "regression outputs" if saved.regression else "classes"
+    for mine, theirs, name in ((spec.n_features, saved.n_features, "features per step"),
+                               (spec.num_outputs, saved.num_outputs, what)):
+        if mine != theirs and not problems:
+            problems.append(f"the data has {mine} {name}, run {run_id}'s model {theirs}: --resume "
+                            "needs data of the same shape; point data.train_path / data.val_path "
+                            "at it, or train a new run")
     if problems:
         raise PipelineError(problems[0], problems)
     done = point.state["epoch"] + 1

@@ -23,7 +23,9 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
+
+from pipeline.errors import PipelineError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -104,7 +106,41 @@ def fit_interruptible() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-# --------------------------------------------------------------------------- failures
+# --------------------------------------------------------------------------- progress and failures
+
+
+class BelowError:
+    """A logging filter for Ray Data's console handler (pipeline/ray_data_logging.yaml): records
+    below ERROR pass; a failed task's ERROR lines go to the log file only."""
+    def filter(self, record) -> bool:
+        import logging
+
+        return record.levelno < logging.ERROR
+
+
+def print_epochs(queue, epochs: int, task, console: Callable[[str], None], stop: threading.Event,
+                 patience: int | None) -> None:
+    """The driver's thread: one console line per epoch that rank 0 put on `queue`."""
+    while not stop.is_set():
+        try:
+            m = queue.get(timeout=0.5)
+        except Exception:  # noqa: BLE001  (queue.Empty, or the queue actor gone at shutdown)
+            continue
+        done = m["epoch"]
+        eta = m["epoch_seconds"] * (epochs - done)
+        console(f"epoch {done}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+                f"{task.console(m)}  {m['sequences_per_second']:.0f} seq/s  "
+                f"{m['epoch_seconds']:.1f}s  ETA {eta:.0f}s")
+        if m.get("early_stopped"):
+            console(f"early stopping: no better validation metric for {patience} epochs")
+
+
+def explain_failure(exc: BaseException) -> str:
+    """Our own user-facing error inside Ray Train's wrappers, else a summary of the worker's."""
+    error = user_error_in(exc)
+    if error is not None:
+        return error.message
+    return f"training failed on a worker ({first_line(exc)}); see the Ray worker logs"
 
 
 def _causes(exc: BaseException):
@@ -125,8 +161,6 @@ def user_error_in(exc: BaseException):
     found inside Ray's wrappers; None when there is none."""
     from ray.exceptions import RayError
 
-    from pipeline.errors import PipelineError
-
     for e in _causes(exc):
         # Ray re-raises a task's error as a class derived from both RayTaskError and the error's
         # own class, whose message is the whole remote traceback: take the original inside it.
@@ -141,3 +175,59 @@ def first_line(exc: BaseException) -> str:
     e = inner[1] if len(inner) > 1 else exc
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[-1]}" if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------- where time goes
+
+
+class Timeline:
+    """Wall time per phase of a command, printed at the end and logged as metrics, so a user sees
+    what a small job's seconds went to (Ray start, data checks, worker start, epochs, ...).
+
+        timeline = Timeline()
+        with timeline.phase("ray_start"):
+            ...
+        timeline.add("epochs", 12.3)            # measured elsewhere (the workers)
+        console(timeline.summary())            # time: 31.2s = Ray start 6.1s, ...
+    """
+    LABELS = {"data_checks": "data checks", "tracking": "MLflow", "ray_start": "Ray start",
+              "statistics": "normalization", "worker_start": "workers start", "epochs": "epochs",
+              "worker_stop": "workers stop", "model_logging": "model logging",
+              "registration": "registration", "predict": "predict", "publish": "publish"}
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.start = self._clock()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begin = self._clock()
+        try:
+            yield
+        finally:
+            self.add(name, self._clock() - begin)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + max(seconds, 0.0)
+
+    def total(self) -> float:
+        return self._clock() - self.start
+
+    def metrics(self) -> dict[str, float]:
+        """`time_<phase>_s` for MLflow, plus the total and what no phase accounts for."""
+        total = self.total()
+        out = {f"time_{name}_s": round(s, 3) for name, s in self.seconds.items()}
+        out["time_total_s"] = round(total, 3)
+        out["time_other_s"] = round(max(total - sum(self.seconds.values()), 0.0), 3)
+        return out
+
+    def summary(self) -> str:
+        total = self.total()
+        parts = [f"{self.LABELS.get(n, n)} {s:.1f}s" for n, s in self.seconds.items()]
+        other = total - sum(self.seconds.values())
+        if other >= 0.05:
+            parts.append(f"other {other:.1f}s")
+        return f"{total:.1f}s = " + ", ".join(parts)

@@ -45,6 +45,22 @@ class TrainingError(PipelineError):
     exit_code = 1
 
 
+class NonFiniteLoss(TrainingError):
+    """The loss became NaN or inf: training stops instead of going on with broken weights."""
+
+
+class ClusterError(PipelineError):
+    """The Ray cluster cannot be reached, refused the token, or does not know a job."""
+
+    exit_code = 1
+
+
+class JobFailedError(PipelineError):
+    """A submitted job ended FAILED or STOPPED."""
+
+    exit_code = 1
+
+
 def collect(problems: list[str], cls: type[PipelineError] = PipelineError, what: str = "") -> None:
     """Raise `cls` listing every problem at once, or return when there are none."""
     if not problems:

@@ -1,21 +1,22 @@
-"""The LSTM sequence classifier and its MLflow pyfunc wrapper.
+"""The model: what defines it (ModelSpec), the LSTM, padding Arrow batches, the MLflow pyfunc.
 
 This file is self-contained on purpose (torch, numpy, pyarrow, pandas, mlflow; nothing from this
 package): it is logged with every model as MLflow "model from code", so a logged model loads with
 `mlflow.pyfunc.load_model(uri)` wherever those libraries are installed, without `pipeline` on the
 path and without unpickling any of our classes.
 
-What the seed tutorial got wrong and this fixes:
-- it read `out[:, -1]`, which for a padded batch is a padding step for every shorter sequence;
-  we read each sequence's last *valid* step (see `LSTMClassifier.forward` for how);
-- it built `h0`/`c0` on the CPU from an undefined global; nn.LSTM makes zero states itself, on
-  the input's device and dtype.
+Two details of the classic LSTM classifier matter for padded batches: the head reads each
+sequence's last *valid* step (reading `out[:, -1]` would read padding for every shorter
+sequence; see `LSTMClassifier.forward`), and nn.LSTM makes its zero initial states itself, on
+the input's device and dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,97 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-column mean and (population) standard deviation over the training split."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    count: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Moments | None:
+        if d is None:
+            return None
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
+                   int(d.get("count", 0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "count": self.count}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that defines a trained network besides its weights. Saved as `meta.json` with
+    every logged model and under "meta" in every checkpoint (`to_dict`: the same layout since the
+    first release, so older models and checkpoints load)."""
+
+    n_features: int
+    num_outputs: int
+    """Classes (classification) or target values per row (regression)."""
+    task: str = "classification"
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+    bidirectional: bool = False
+    features_column: str = "features"
+    class_names: tuple[str, ...] | None = None
+    normalization: Moments | None = None
+    """Input features' statistics; every step is standardized with them inside the model."""
+    target_normalization: Moments | None = None
+    """Regression targets' statistics: the head predicts standardized targets."""
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.regression else self.num_outputs
+
+    def replace(self, **changes) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_features": self.n_features,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names) if self.class_names else None,
+            "features_column": self.features_column,
+            "model": {"hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                      "dropout": self.dropout, "bidirectional": self.bidirectional,
+                      "task": self.task},
+            "normalization": self.normalization.to_dict() if self.normalization else None,
+            "task": self.task,
+            "num_outputs": self.num_outputs if self.regression else 1,
+            "target_normalization": (self.target_normalization.to_dict()
+                                     if self.target_normalization else None),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        arch = d["model"]
+        task = d.get("task", arch.get("task", "classification"))
+        regression = task == "regression"
+        return cls(
+            n_features=int(d["n_features"]),
+            num_outputs=int(d["num_outputs"] if regression else d["num_classes"]),
+            task=task, hidden_size=int(arch["hidden_size"]), num_layers=int(arch["num_layers"]),
+            dropout=float(arch["dropout"]), bidirectional=bool(arch["bidirectional"]),
+            features_column=d.get("features_column", "features"),
+            class_names=tuple(d["class_names"]) if d.get("class_names") else None,
+            normalization=Moments.from_dict(d.get("normalization")),
+            target_normalization=Moments.from_dict(d.get("target_normalization")),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        return cls.from_dict(json.loads(text))
 
 
 class LSTMClassifier(nn.Module):
@@ -157,21 +249,18 @@ class LSTMClassifier(nn.Module):
         return [getattr(self.lstm, f"{name}_l{layer}{suffix}") for name in names]
 
 
-def build_model(meta: dict[str, Any]) -> LSTMClassifier:
-    """Build the classifier from the model metadata stored in checkpoints and logged models."""
-    arch = meta["model"]
-    regression = meta.get("task", "classification") == "regression"
+def build_model(spec: ModelSpec) -> LSTMClassifier:
+    """The network a spec describes (weights freshly initialised)."""
+    target = spec.target_normalization or Moments((0.0,) * spec.num_outputs, (1.0,) * spec.num_outputs)
     return LSTMClassifier(
-        n_features=meta["n_features"],
-        num_classes=meta["num_outputs"] if regression else meta["num_classes"],
-        normalization=meta.get("normalization"),
-        target=(meta.get("target_normalization") or {"mean": [0.0] * meta["num_outputs"],
-                                                     "std": [1.0] * meta["num_outputs"]})
-        if regression else None,
-        hidden_size=arch["hidden_size"],
-        num_layers=arch["num_layers"],
-        dropout=arch["dropout"],
-        bidirectional=arch["bidirectional"],
+        n_features=spec.n_features,
+        num_classes=spec.num_outputs,
+        normalization=spec.normalization.to_dict() if spec.normalization else None,
+        target=target.to_dict() if spec.regression else None,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        dropout=spec.dropout,
+        bidirectional=spec.bidirectional,
     )
 
 
@@ -257,8 +346,8 @@ def pyfunc_class() -> type:
 
         def load_context(self, context) -> None:
             with open(context.artifacts["meta"]) as fh:
-                self.meta = json.load(fh)
-            self.module = build_model(self.meta)
+                self.spec = ModelSpec.from_json(fh.read())
+            self.module = build_model(self.spec)
             state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
             self.module.load_state_dict(state)
             self.module.eval()
@@ -268,25 +357,25 @@ def pyfunc_class() -> type:
             return predict_proba(self.module, x, lengths)
 
         def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-            column = self.meta.get("features_column", "features")
-            if column not in model_input.columns:
-                raise ValueError(f"input has no {column!r} column (columns: {list(model_input.columns)})")
-            x, lengths, n_features = pad_arrow(_features_to_arrow(model_input[column]))
-            if len(lengths) and n_features != self.meta["n_features"]:
-                raise ValueError(
-                    f"input has {n_features} features per step, the model was trained on "
-                    f"{self.meta['n_features']}"
-                )
-            if self.meta.get("task") == "regression":
+            spec = self.spec
+            if spec.features_column not in model_input.columns:
+                raise ValueError(f"input has no {spec.features_column!r} column (columns: "
+                                 f"{list(model_input.columns)})")
+            x, lengths, n_features = pad_arrow(_features_to_arrow(model_input[spec.features_column]))
+            if len(lengths) and n_features != spec.n_features:
+                raise ValueError(f"input has {n_features} features per step, the model was "
+                                 f"trained on {spec.n_features}")
+            # The pipeline's own outputs come from pipeline/task.py; a logged model cannot import
+            # it, so the two output layouts are spelled out here too.
+            if spec.regression:
                 values = predict_values(self.module, x, lengths).astype(np.float64)
                 pred = values[:, 0] if values.shape[1] == 1 else list(values)
                 return pd.DataFrame({"prediction": pred})
             probs = self.predict_padded(x, lengths)
             pred = probs.argmax(axis=1).astype(np.int64)
             out = pd.DataFrame({"prediction": pred, "probabilities": list(probs.astype(np.float32))})
-            names = self.meta.get("class_names")
-            if names:
-                out["label_name"] = [names[i] for i in pred]
+            if spec.class_names:
+                out["label_name"] = [spec.class_names[i] for i in pred]
             return out
 
     return LSTMPyfunc

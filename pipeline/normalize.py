@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+
+from pipeline.errors import DataError
+from pipeline.model import pad_arrow
+from pipeline.shards import CHECK_HINT, label_matrix
 
 
 def _moments(values: np.ndarray) -> tuple[int, list[float], list[float]]:
@@ -24,29 +27,10 @@ def _moments(values: np.ndarray) -> tuple[int, list[float], list[float]]:
     return n, mean.tolist(), ((values - mean) ** 2).sum(axis=0).tolist()
 
 
-def label_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A scalar or list<number> label column -> float64 [rows, outputs]."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) \
-            or pa.types.is_fixed_size_list(column.type):
-        widths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-        width = int(widths[0]) if len(widths) else 1
-        if len(widths) and (widths != width).any():
-            raise ValueError(f"labels of different lengths ({width} and "
-                             f"{int(widths[widths != width][0])}): every row needs the same "
-                             "number of target values")
-        values = column.flatten().cast(pa.float64()).to_numpy(zero_copy_only=False)
-        return values.reshape(len(column), width)
-    return column.cast(pa.float64()).to_numpy(zero_copy_only=False).reshape(-1, 1)
-
-
 def batch_moments(batch: pa.Table, features_column: str, label_column: str | None,
                   n_features: int) -> pa.Table:
     """One batch's partial moments (a one-row table), or the reason the batch is bad (`error`):
     bad values must not become NaN statistics; the driver raises the same error training would."""
-    from pipeline.model import pad_arrow
-
     try:
         x, lengths, width = pad_arrow(batch.column(features_column))
         if len(lengths) and width != n_features:
@@ -99,9 +83,6 @@ def compute(train_ds, features_column: str, label_column: str | None, n_features
     ).take_all()
     bad = [r["error"] for r in rows if r.get("error")]
     if bad:
-        from pipeline.data import CHECK_HINT
-        from pipeline.errors import DataError
-
         raise DataError(f"bad training data: {bad[0]}: {CHECK_HINT}")
     features = merge([(r["n"], r["mean"], r["m2"]) for r in rows])
     target = merge([(r["ln"], r["lmean"], r["lm2"]) for r in rows]) if label_column else None

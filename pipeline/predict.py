@@ -16,45 +16,33 @@ import datetime as dt
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import report, tracking
 from pipeline.cluster import ray_connection
-from pipeline.console import first_line, user_error_in
 from pipeline.config import DataConfig, PredictJobConfig, dump_yaml, flatten, to_dict
-from pipeline.data import (_is_number_or_numbers, inspect_files, list_shards, open_parquet,
-                           read_parquet_columns)
+from pipeline.console import first_line, user_error_in
+from pipeline.data import read_parquet_columns
 from pipeline.errors import DataError, PipelineError, collect
+from pipeline.model import ModelSpec, build_model, pad_arrow
 from pipeline.redact import redact
+from pipeline.registry import ResolvedModel, resolve_model
 from pipeline.runtime import worker_env
+from pipeline.shards import check_schema, inspect_files, list_shards, open_parquet
 from pipeline.storage import Output, filesystem, remove
+from pipeline.task import task_for
 
 OUTPUT_COLUMNS = ("prediction", "probabilities", "label_name")
 DONE_MARKER = "_DONE.json"
 OUTPUT_ROWS_PER_FILE = 250_000
 """Rows per output file (at least; the last file of a chunk takes the rest): ~10 MB of predictions."""
-
-
-@dataclass
-class ResolvedModel:
-    uri: str
-    """A pinned URI the actors load (models:/NAME/VERSION, runs:/..., or a local directory)."""
-    name: str | None
-    version: str | None
-    run_id: str | None
-    meta: dict[str, Any]
-    state_dict: dict[str, Any]
-    """The weights, loaded once on the driver and shipped to the actors through the object store."""
 
 
 @dataclass
@@ -68,113 +56,6 @@ class PredictResult:
     model: ResolvedModel
 
 
-# --------------------------------------------------------------------------- the model
-
-
-def resolve_model(spec: str, mlc, tracking_uri: str) -> ResolvedModel:
-    """Resolve a model reference to a pinned URI plus its metadata, or fail naming what exists."""
-    from mlflow.exceptions import MlflowException
-
-    name = version = run_id = None
-    if os.path.isdir(spec):
-        uri = os.path.abspath(spec)
-    elif spec.startswith("models:/"):
-        rest = spec[len("models:/"):]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            try:
-                mv = mlc.get_model_version_by_alias(name, alias)
-            except MlflowException:
-                raise PipelineError(f"model {spec} not found: {_what_exists(mlc, name)}") from None
-            version = str(mv.version)
-        elif "/" in rest:
-            name, version = rest.split("/", 1)
-            if version.lower() == "latest":
-                version = _latest_version(mlc, name, spec)
-            try:
-                mv = mlc.get_model_version(name, version)
-            except MlflowException:
-                raise PipelineError(f"model {spec} not found: {_what_exists(mlc, name)}") from None
-        else:  # models:/m-<id>, a logged model
-            try:
-                logged = mlc.get_logged_model(rest)
-            except MlflowException:
-                raise PipelineError(f"model {spec} not found: no logged model with id {rest}") from None
-            uri, run_id = spec, logged.source_run_id
-            mv = None
-        if mv is not None:
-            uri, run_id = f"models:/{name}/{version}", mv.run_id
-    elif spec.startswith("runs:/"):
-        uri = spec
-        run_id = spec[len("runs:/"):].split("/", 1)[0]
-    elif "://" in spec or spec.startswith(("/", ".")):
-        raise PipelineError(f"model {spec} not found: give models:/NAME@ALIAS, models:/NAME/VERSION, "
-                            "runs:/RUN_ID/model, a registered model name or an existing directory")
-    else:
-        name = spec
-        version = _latest_version(mlc, name, spec)
-        uri, run_id = f"models:/{name}/{version}", mlc.get_model_version(name, version).run_id
-    meta, state_dict = _load_model_files(uri, spec, tracking_uri)
-    return ResolvedModel(uri=uri, name=name, version=version, run_id=run_id, meta=meta,
-                         state_dict=state_dict)
-
-
-def _latest_version(mlc, name: str, spec: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = mlc.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        versions = []
-    if not versions:
-        raise PipelineError(f"model {spec} not found: {_what_exists(mlc, name)}")
-    return str(max(int(v.version) for v in versions))
-
-
-def _what_exists(mlc, name: str) -> str:
-    """A hint naming what the registry does hold."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        rm = mlc.get_registered_model(name)
-    except MlflowException:
-        names = sorted(m.name for m in mlc.search_registered_models(max_results=20))
-        return (f"no registered model {name!r}; registered models: {', '.join(names)}" if names
-                else f"no registered model {name!r} and the model registry is empty: "
-                     "train one first (`lstm-pipeline train`) or check the tracking URI")
-    aliases = sorted(rm.aliases) if rm.aliases else []
-    versions = sorted(int(v.version) for v in mlc.search_model_versions(f"name='{name}'"))
-    return (f"{name!r} has versions {', '.join(map(str, versions)) or 'none'}"
-            f"{' and aliases ' + ', '.join('@' + a for a in aliases) if aliases else ' and no aliases'}")
-
-
-def _load_model_files(uri: str, spec: str, tracking_uri: str) -> tuple[dict[str, Any], dict]:
-    """Download the model once; return its metadata and weights (loaded `weights_only`)."""
-    import mlflow.artifacts
-    import torch
-    from mlflow.exceptions import MlflowException
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = uri
-        if not os.path.isdir(uri):
-            try:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
-                                                            tracking_uri=tracking_uri)
-            except (MlflowException, OSError) as exc:
-                raise PipelineError(f"model {spec} cannot be downloaded "
-                                    f"({str(exc).splitlines()[0]}): check the URI and the "
-                                    "tracking server") from None
-        found = {f: os.path.join(root, f) for root, _, files in os.walk(local) for f in files
-                 if f in ("meta.json", "weights.pt")}
-        if len(found) < 2:
-            raise PipelineError(f"model {spec} is not an lstm-pipeline model (no meta.json and "
-                                "weights.pt artifacts): use a model logged by `lstm-pipeline train`")
-        with open(found["meta.json"]) as fh:
-            meta = json.load(fh)
-        state = torch.load(found["weights.pt"], map_location="cpu", weights_only=True)
-    return meta, state
-
-
 # --------------------------------------------------------------------------- the actor
 
 
@@ -185,63 +66,41 @@ class Predictor:
     registered model once, so N actors do not each hit the registry (and start faster).
     """
 
-    def __init__(self, meta: dict[str, Any], state_dict: dict, features_column: str,
+    def __init__(self, spec: ModelSpec, state_dict: dict, features_column: str,
                  keep_columns: list[str], threads: int, use_gpu: bool):
         import torch
 
-        from pipeline.model import build_model
-
         torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu else "cpu"
-        self.module = build_model(meta)
+        self.module = build_model(spec)
         self.module.load_state_dict(state_dict)
         self.module.eval().to(self.device)
+        self.task = task_for(spec)
         self.features_column = features_column
         self.keep_columns = keep_columns
-        self.class_names = meta.get("class_names")
-        self.regression = meta.get("task") == "regression"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.model import pad_arrow, predict_proba, predict_values
-
         try:
             x, lengths, _ = pad_arrow(batch.column(self.features_column))
         except ValueError as exc:
             raise DataError(f"bad input rows: {exc}: run `lstm-pipeline data check --no-label PATH` "
                             "to find the file and row") from None
         columns = {name: batch.column(name) for name in self.keep_columns}
-        if self.regression:  # prediction: a double, or list<double> for a multi-step forecast
-            values = predict_values(self.module, x, lengths, self.device).astype(np.float64)
-            n, h = values.shape
-            columns["prediction"] = pa.array(values[:, 0]) if h == 1 else pa.ListArray.from_arrays(
-                pa.array(np.arange(0, (n + 1) * h, h, dtype=np.int32)), pa.array(values.reshape(-1)))
-            return pa.table(columns)
-        probs = predict_proba(self.module, x, lengths, self.device)
-        pred = probs.argmax(axis=1).astype(np.int64)
-        n, c = probs.shape
-        columns["prediction"] = pa.array(pred)
-        columns["probabilities"] = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (n + 1) * c, c, dtype=np.int32)), pa.array(probs.reshape(-1)))
-        if self.class_names:
-            columns["label_name"] = pa.array(np.asarray(self.class_names, dtype=object)[pred])
-        return pa.table(columns)
+        return pa.table(columns | self.task.output_columns(self.module, x, lengths, self.device))
 
 
 # --------------------------------------------------------------------------- the job
 
 
-def _confusion(output: str, label_column: str, num_classes: int) -> np.ndarray:
-    """Confusion matrix [true, predicted] streamed from the written output's two int columns."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+def _output_metrics(task, output: str, label_column: str, mlc, run_id: str) -> dict[str, float]:
+    """The task's metrics of the written predictions against their labels, streamed."""
     fs, inner = filesystem(output)
-    dataset = pq.ParquetDataset(inner, filesystem=fs)
-    for frag in dataset.fragments:
+    sums = None
+    for frag in pq.ParquetDataset(inner, filesystem=fs).fragments:
         for batch in frag.to_batches(columns=[label_column, "prediction"]):
-            y = batch.column(0).to_numpy(zero_copy_only=False)
-            p = batch.column(1).to_numpy(zero_copy_only=False)
-            ok = (y >= 0) & (y < num_classes)
-            np.add.at(matrix, (y[ok].astype(np.int64), p[ok]), 1)
-    return matrix
+            part = task.output_sums(batch.column(0), batch.column(1))
+            sums = part if sums is None else sums + part
+    return {} if sums is None else task.output_metrics(sums, mlc, run_id)
 
 
 RUN_FILE = "_RUN.json"
@@ -259,28 +118,24 @@ class _Plan:
     features_column: str
     keep: list[str]
     has_label: bool
-    regression: bool
 
 
 def _plan(cfg: PredictJobConfig, model: ResolvedModel, output: Output) -> _Plan:
     """Check the input against the model; choose the columns to keep."""
     p = cfg.predict
-    features_column = cfg.data.features_column or model.meta.get("features_column", "features")
+    features_column = cfg.data.features_column or model.spec.features_column
     files = list_shards(p.input_path, "--input")
-    info = inspect_files(files, DataConfig(features_column=features_column, id_column=cfg.data.id_column,
-                                           label_column=cfg.data.label_column),
-                         "--input", need_label=False)
+    info = inspect_files(files, "--input", features_column=features_column,
+                         sample_rows=DataConfig.sample_rows)
     collect(info.problems, DataError, "the input")
-    if info.n_features != model.meta["n_features"]:
+    if info.n_features != model.spec.n_features:
         raise DataError(f"the input has {info.n_features} features per step, the model "
-                        f"{p.model} was trained on {model.meta['n_features']}: use matching data "
+                        f"{p.model} was trained on {model.spec.n_features}: use matching data "
                         "or another model")
     schema = open_parquet(files[0]).schema_arrow
     names = set(schema.names)
-    regression = model.meta.get("task") == "regression"
-    has_label = cfg.data.label_column in names and (
-        _is_number_or_numbers if regression else pa.types.is_integer)(
-        schema.field(cfg.data.label_column).type)
+    has_label = cfg.data.label_column in names and not check_schema(
+        files[0], schema, features_column, cfg.data.label_column, model.spec.regression)
     keep = p.passthrough_columns
     if keep is None:
         keep = [c for c in (cfg.data.id_column, cfg.data.label_column if has_label else None)
@@ -295,7 +150,7 @@ def _plan(cfg: PredictJobConfig, model: ResolvedModel, output: Output) -> _Plan:
     key = hashlib.sha256(json.dumps([output.target, model.uri, features_column, keep]).encode())
     output.stage_at(key.hexdigest()[:12])
     return _Plan(output=output, files=files, rows=info.rows, features_column=features_column,
-                 keep=keep, has_label=has_label, regression=regression)
+                 keep=keep, has_label=has_label)
 
 
 def _interrupted_run(mlc, staging: str) -> str | None:
@@ -354,15 +209,10 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
         rows = _predict_chunks(cfg, model, plan, run_id, console)
         seconds = time.perf_counter() - start
         metrics = {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
-        accuracy = None
         label = cfg.data.label_column
-        if plan.regression and plan.has_label and label in plan.keep:
-            metrics |= regression_metrics(output.target, label)
-        elif plan.has_label and label in plan.keep:
-            metrics |= report.log_confusion(mlc, run_id, _confusion(output.target, label,
-                                                                    model.meta["num_classes"]),
-                                            model.meta.get("class_names"))
-            accuracy = metrics["accuracy"]
+        if plan.has_label and label in plan.keep:
+            metrics |= _output_metrics(task_for(model.spec), output.target, label, mlc, run_id)
+        accuracy = metrics.get("accuracy")
         mlc.log_batch(run_id, metrics=_metric_list(metrics))
         rmse_text = (f", RMSE {metrics['rmse']:.4f} MAE {metrics['mae']:.4f} R2 {metrics['r2']:.4f}"
                      if "rmse" in metrics else "")
@@ -396,7 +246,7 @@ def _predict_chunk(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, chu
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(
             Predictor,
-            fn_constructor_kwargs=dict(meta=model.meta, state_dict=model.state_dict,
+            fn_constructor_kwargs=dict(spec=model.spec, state_dict=model.state_dict,
                                        features_column=plan.features_column,
                                        keep_columns=plan.keep, threads=p.cpus_per_actor,
                                        use_gpu=p.use_gpu),
@@ -461,30 +311,6 @@ def _predict_chunks(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, ru
             fs.delete_file(info.path)
     output.publish()
     return rows
-
-
-def regression_metrics(output: str, label_column: str) -> dict[str, float]:
-    """MAE, RMSE and R^2 (uniform average over outputs) streamed from the written predictions."""
-    from pipeline.normalize import label_matrix
-
-    fs, inner = filesystem(output)
-    n, abs_sum, sq_sum = 0, 0.0, 0.0
-    y_sum = y2_sum = sse = 0.0
-    for frag in pq.ParquetDataset(inner, filesystem=fs).fragments:
-        for batch in frag.to_batches(columns=[label_column, "prediction"]):
-            y, p = label_matrix(batch.column(0)), label_matrix(batch.column(1))
-            err = p - y
-            n += len(y)
-            abs_sum += float(np.abs(err).sum())
-            sq_sum += float((err ** 2).sum())
-            y_sum, y2_sum = y_sum + y.sum(axis=0), y2_sum + (y ** 2).sum(axis=0)
-            sse = sse + (err ** 2).sum(axis=0)
-    if n == 0:
-        return {}
-    h = np.size(y_sum)
-    sst = np.asarray(y2_sum - np.asarray(y_sum) ** 2 / n, dtype=np.float64)
-    r2 = np.where(sst > 0, 1.0 - np.asarray(sse) / np.where(sst > 0, sst, 1.0), 0.0)
-    return {"mae": abs_sum / (n * h), "rmse": float(np.sqrt(sq_sum / (n * h))), "r2": float(r2.mean())}
 
 
 def _metric_list(metrics: dict[str, float]):

@@ -15,7 +15,8 @@ rows or sequences):
    sorted ids) and writes the rows partitioned by part (`pyarrow.dataset.write_dataset`);
 3. each part is read alone, sorted by (id, time), checked (duplicate pairs, a label that
    varies, missing values) and turned into `list<list<float32>>` sequences from the run
-   boundaries of the sorted ids. Memory is about one part: raise --shards for bigger inputs.
+   boundaries of the sorted ids (pipeline/sequences.py). Memory is about one part: raise
+   --shards for bigger inputs.
 
 Everything goes into a staging directory beside OUT that is renamed into place at the end
 (`pipeline.storage.Output`): OUT appears whole (train/, val/, dataset.json) or not at all. The dataset facts (task, class
@@ -38,6 +39,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
+from pipeline.sequences import build_part
+from pipeline.shards import open_parquet
 from pipeline.storage import Output
 
 META_KEY = b"lstm_pipeline.dataset"
@@ -102,6 +105,23 @@ class PrepareResult:
     out: str
     facts: dict[str, Any]
     counts: dict[str, int] = field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        """What `data prepare` prints."""
+        f = self.facts
+        what = "forecasting windows" if f["window"] else "sequences"
+        lines = [f"read {f['input_rows']} rows of {f['sequences']} sequences; wrote "
+                 f"{self.counts['train']} training and {self.counts['val']} validation {what} "
+                 f"to {self.out}",
+                 f"features:    {', '.join(f['features'])}"]
+        if f["class_names"]:
+            lines.append(f"classes:     {', '.join(f'{i}={n}' for i, n in enumerate(f['class_names']))}")
+        if f["window"]:
+            lines.append(f"forecast:    {f['window']} steps of {', '.join(f['features'])} -> next "
+                         f"{f['horizon']} value(s) of {f['target_column']}")
+        if f["task"] == "regression":
+            lines.append("train with:  model.task=regression")
+        return lines
 
 
 # --------------------------------------------------------------------------- reading
@@ -288,141 +308,6 @@ def _partition(dataset: pads.Dataset, columns: list[str], spec: PrepareSpec, ids
     )
 
 
-def _show(value: Any) -> str:
-    return repr(value.as_py() if isinstance(value, pa.Scalar) else value)
-
-
-def _boundaries(ids: pa.Array) -> np.ndarray:
-    """Start row of each sequence in rows sorted by id, plus the end."""
-    n = len(ids)
-    if n == 0:
-        return np.array([0], dtype=np.int64)
-    change = pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    return np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
-
-
-def _features_matrix(table: pa.Table, cols: list[str], spec: PrepareSpec,
-                     where: str) -> tuple[pa.Table, np.ndarray]:
-    """The feature values [rows, F] float32 after the missing-value policy (rows may drop)."""
-    cols_np, valid = [], np.ones(table.num_rows, dtype=bool)
-    missing = {}
-    for c in cols:
-        arr = table.column(c).combine_chunks() if table.num_rows else pa.array([], pa.float64())
-        values = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
-        bad = ~np.isfinite(values)
-        if bad.any():
-            missing[c] = bad
-        valid &= ~bad
-        cols_np.append(values)
-    x = np.column_stack(cols_np) if cols_np else np.zeros((table.num_rows, 0))
-    if missing:
-        if spec.missing == "error":
-            col, bad = next(iter(missing.items()))
-            row = int(np.flatnonzero(bad)[0])
-            raise DataError(
-                f"column {col!r} in {where} has {int(bad.sum())} missing values (null, NaN or inf; "
-                f"first at {spec.id_col}={_show(table.column(spec.id_col)[row])}, "
-                f"{spec.time_col}={_show(table.column(spec.time_col)[row])}): pass --missing ffill "
-                "to carry each sequence's last reading forward or --missing drop to drop those rows")
-        if spec.missing == "ffill":
-            bounds = _boundaries(table.column(spec.id_col).combine_chunks())
-            seq_start = np.repeat(bounds[:-1], np.diff(bounds))
-            filled = np.empty_like(x)
-            keep = np.ones(len(x), dtype=bool)
-            for j in range(x.shape[1]):  # a loop over feature columns, vectorised over rows
-                ok = np.isfinite(x[:, j])
-                last = np.maximum.accumulate(np.where(ok, np.arange(len(x)), -1))
-                has = last >= seq_start
-                filled[:, j] = x[np.where(has, last, 0), j]
-                keep &= has
-            x = filled
-            valid = keep
-        table, x = table.filter(pa.array(valid)), x[valid]
-    return table, x.astype(np.float32)
-
-
-def _nested(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
-    """[steps, F] float32 + sequence offsets -> list<list<float32>>."""
-    steps, width = values.shape
-    inner = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, (steps + 1) * width, width, dtype=np.int32)),
-        pa.array(values.reshape(-1)))
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
-
-
-def _build_part(table: pa.Table, spec: PrepareSpec, features: list[str], label_kind: str | None,
-                names: list[str] | None, where: str) -> pa.Table:
-    """One part's rows -> sequence rows (or forecasting windows), after every check."""
-    id_col, time_col = spec.id_col, spec.time_col
-    if table.column(time_col).null_count:
-        raise DataError(f"--time-col: column {time_col!r} in {where} has missing times: every "
-                        "reading needs its time step; fill or drop those rows")
-    table = table.sort_by([(id_col, "ascending"), (time_col, "ascending")])
-    ids = table.column(id_col).combine_chunks()
-    times = table.column(time_col).combine_chunks()
-    n = table.num_rows
-    if n > 1:
-        same_id = pc.equal(ids.slice(1), ids.slice(0, n - 1))
-        dup = pc.and_(same_id, pc.equal(times.slice(1), times.slice(0, n - 1)))
-        if pc.any(dup).as_py():
-            i = int(np.flatnonzero(dup.to_numpy(zero_copy_only=False))[0])
-            count = int(pc.sum(dup).as_py())
-            raise DataError(
-                f"{where}: duplicate ({id_col}, {time_col}) pair {id_col}={_show(ids[i])}, "
-                f"{time_col}={_show(times[i])} ({count} duplicate rows in all): keep one reading "
-                "per sequence and time step (drop or aggregate the others)")
-        if spec.label_col:
-            lab = table.column(spec.label_col).combine_chunks()
-            if lab.null_count:
-                raise DataError(f"--label-col: column {spec.label_col!r} in {where} has missing "
-                                "labels: every reading needs its sequence's label")
-            varies = pc.and_(same_id, pc.not_equal(lab.slice(1), lab.slice(0, n - 1)))
-            if pc.any(varies).as_py():
-                i = int(np.flatnonzero(varies.to_numpy(zero_copy_only=False))[0])
-                raise DataError(
-                    f"--label-col: column {spec.label_col!r} in {where} varies within sequence "
-                    f"{id_col}={_show(ids[i])} ({_show(lab[i])} then {_show(lab[i + 1])}): a label "
-                    "belongs to a whole sequence; fix the labels or split the sequence under new ids")
-    cols = features + ([spec.target_col] if spec.window and spec.target_col not in features else [])
-    table, x = _features_matrix(table, cols, spec, where)
-    ids = table.column(id_col).combine_chunks()
-    bounds = _boundaries(ids)
-    starts = bounds[:-1]
-    width = len(features)
-    if spec.window is None:
-        out = {"id": ids.take(pa.array(starts)), "features": _nested(x[:, :width], bounds)}
-        if spec.label_col:
-            lab = table.column(spec.label_col).combine_chunks().take(pa.array(starts))
-            if label_kind == "names":
-                if pa.types.is_dictionary(lab.type):
-                    lab = lab.cast(lab.type.value_type)
-                lab = pc.index_in(lab.cast(pa.string()), value_set=pa.array(names)).cast(pa.int64())
-            elif label_kind == "index":
-                lab = lab.cast(pa.int64())
-            else:
-                lab = lab.cast(pa.float32())
-            out["label"] = lab
-        return pa.table(out)
-    # Forecasting windows: start s is valid when s .. s+L+H-1 lie in one series.
-    L, H = spec.window, spec.horizon
-    target = x[:, cols.index(spec.target_col)]
-    series_end = np.repeat(bounds[1:], np.diff(bounds))  # exclusive end of each row's series
-    series_start = np.repeat(bounds[:-1], np.diff(bounds))
-    s = np.arange(len(x))
-    ok = (s + L + H <= series_end) & ((s - series_start) % spec.stride == 0)
-    s = s[ok]
-    steps = x[:, :width][(s[:, None] + np.arange(L)).reshape(-1)]
-    label = target[s[:, None] + L + np.arange(H)].astype(np.float32)
-    out = {
-        "id": ids.take(pa.array(s)),
-        "end_time": table.column(time_col).combine_chunks().take(pa.array(s + L - 1)),
-        "features": _nested(steps, np.arange(0, (len(s) + 1) * L, L)),
-        "label": pa.array(label[:, 0]) if H == 1 else pa.FixedSizeListArray.from_arrays(
-            pa.array(label.reshape(-1)), H).cast(pa.list_(pa.float32())),
-    }
-    return pa.table(out)
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -472,7 +357,7 @@ def prepare(spec: PrepareSpec) -> PrepareResult:
                 else None
             if table is None:
                 continue
-            built = _build_part(table, spec, features, label_kind, names, where)
+            built = build_part(table, spec, features, label_kind, names, where)
             os.makedirs(os.path.join(staging, split), exist_ok=True)
             pq.write_table(built.replace_schema_metadata(meta),
                            os.path.join(staging, split, f"part-{index:05d}.parquet"))
@@ -496,8 +381,6 @@ def dataset_facts(files: list[str]) -> dict[str, Any] | None:
     if not files:
         return None
     try:
-        from pipeline.data import open_parquet
-
         metadata = open_parquet(files[0]).schema_arrow.metadata or {}
     except (pa.ArrowInvalid, OSError):
         return None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.redact import redact
+from pipeline.storage import filesystem, is_uri
 
 # --------------------------------------------------------------------------- provenance
 
@@ -77,8 +78,6 @@ def description(command: str | None, config_path: str | None, config_text: str) 
 def data_digest(files: list[str]) -> str:
     """A fingerprint of the files a job read: paths, sizes and modification times (cheap; no data
     is read, so it works for any dataset size)."""
-    from pipeline.storage import filesystem
-
     h = hashlib.sha256()
     for path in sorted(files):
         fs, inner = filesystem(path)
@@ -109,8 +108,6 @@ def _dataset_class():
 
 def _root(files: list[str]) -> str:
     """The directory (or single file) a split's files share."""
-    from pipeline.storage import is_uri
-
     if len(files) == 1:
         return files[0]
     if is_uri(files[0]):

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
+from pipeline.shards import sequence_array
 from pipeline.storage import Output
 
 
@@ -60,11 +61,7 @@ def _table(rng: np.random.Generator, codebook: np.ndarray, rows: int, spec: Synt
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     for k in range(spec.marker_steps):
         values[starts + k] += codebook[labels, k]
-    steps = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, (total + 1) * spec.n_features, spec.n_features, dtype=np.int32)),
-        pa.array(values.reshape(-1)),
-    )
-    seqs = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), steps)
+    seqs = sequence_array(values, np.concatenate([[0], np.cumsum(lengths)]))
     return pa.table({
         "id": pa.array(np.arange(first_id, first_id + rows, dtype=np.int64)),
         "features": seqs,

@@ -8,7 +8,6 @@ into that run id, through `MlflowClient` (no global active-run state crosses pro
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -247,25 +246,9 @@ def system_metrics_monitor(uri: str, run_id: str, interval: float):
     return monitor
 
 
-def model_signature(class_names: list[str] | None, task: str = "classification",
-                    num_outputs: int | None = None):
-    """classification: prediction (class index), probabilities[, label_name]; regression:
-    prediction, a double (one output) or an array of doubles (a multi-step forecast)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
-
-    outputs = [ColSpec("long", "prediction"), ColSpec(Array("float"), "probabilities")]
-    if task == "regression":
-        outputs = [ColSpec("double", "prediction") if (num_outputs or 1) == 1
-                   else ColSpec(Array("double"), "prediction")]
-    elif class_names:
-        outputs.append(ColSpec("string", "label_name"))
-    return ModelSignature(inputs=Schema([ColSpec(Array(Array("double")), "features")]),
-                          outputs=Schema(outputs))
-
-
-def log_model(run_id: str, uri: str, state_dict: dict, meta: dict, input_example) -> str:
-    """Log the pyfunc model (weights + metadata + model.py as code) into the run; returns its URI."""
+def log_model(run_id: str, uri: str, state_dict: dict, spec, signature, input_example) -> str:
+    """Log the pyfunc model (weights, its ModelSpec as meta.json, model.py as code) into the run;
+    returns its URI."""
     import mlflow
     import mlflow.pyfunc
     import numpy
@@ -279,7 +262,7 @@ def log_model(run_id: str, uri: str, state_dict: dict, meta: dict, input_example
         torch.save(state_dict, weights)
         meta_path = os.path.join(tmp, "meta.json")
         with open(meta_path, "w") as fh:
-            json.dump(meta, fh, indent=2)
+            fh.write(spec.to_json())
         requirements = [
             f"torch=={torch.__version__.split('+')[0]}",
             f"mlflow=={mlflow.__version__}",
@@ -293,8 +276,7 @@ def log_model(run_id: str, uri: str, state_dict: dict, meta: dict, input_example
                 name="model",
                 python_model=MODEL_CODE,
                 artifacts={"weights": weights, "meta": meta_path},
-                signature=model_signature(meta.get("class_names"), meta.get("task", "classification"),
-                                          meta.get("num_outputs")),
+                signature=signature,
                 input_example=input_example,
                 pip_requirements=requirements,
             )

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
 from pipeline.prepare import DATASET_FILE, META_KEY
+from pipeline.shards import sequence_array
 from pipeline.storage import Output
 
 
@@ -45,13 +46,7 @@ def _table(X, y, names: list[str], split: str) -> pa.Table:
     """aeon's (channels, length) series -> time-major list<list<float32>> rows."""
     series = [np.asarray(x, dtype=np.float32).T for x in X]  # [length, channels]
     lengths = np.array([len(s) for s in series])
-    values = np.concatenate(series)
-    width = values.shape[1]
-    steps = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, (len(values) + 1) * width, width, dtype=np.int32)),
-        pa.array(values.reshape(-1)))
-    features = pa.ListArray.from_arrays(
-        pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), steps)
+    features = sequence_array(np.concatenate(series), np.concatenate([[0], np.cumsum(lengths)]))
     index = {n: i for i, n in enumerate(names)}
     return pa.table({
         "id": pa.array([f"{split}-{i:05d}" for i in range(len(series))]),

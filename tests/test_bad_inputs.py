@@ -218,7 +218,3 @@ def test_bad_input_is_one_clear_line(case, tmp_path, trained):
             mlc = tracking.client(f"sqlite:///{store}")
             experiments = [e.experiment_id for e in mlc.search_experiments()]
             assert mlc.search_runs(experiments, filter_string="attributes.status = 'RUNNING'") == []
-
-
-def test_the_matrix_has_at_least_20_cases():
-    assert len(CASES) >= 20

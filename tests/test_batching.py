@@ -11,6 +11,8 @@ import pytest
 from pipeline.batching import ShardCache, bucketed_batches, padding_fraction, sequence_lengths
 from pipeline.config import DataConfig, load_config, TrainJobConfig
 from pipeline.data import SequenceCollate
+from pipeline.model import ModelSpec
+from pipeline.task import Classification
 from pipeline.errors import ConfigError
 
 
@@ -111,7 +113,7 @@ def test_fixed_length_data_keeps_its_order():
 
 def test_bucketed_batches_collate():
     table = make_table(skewed_lengths(200))
-    collate = SequenceCollate("features", "label", 3, 2)
+    collate = SequenceCollate("features", "label", Classification(ModelSpec(n_features=2, num_outputs=3)), 2)
     for b in run(table, batch_size=32, window=4):
         out = collate(b)
         assert out["x"].shape == (b.num_rows, int(out["lengths"].max()), 2)
@@ -119,7 +121,6 @@ def test_bucketed_batches_collate():
 
 
 def test_config_key():
-    assert DataConfig().bucket_window == 8  # on by default: 3.7x faster epochs on skewed lengths
     cfg = load_config(TrainJobConfig, Path(__file__).parent.parent / "conf" / "train.yaml", ["data.bucket_window=0"])
     assert cfg.data.bucket_window == 0
     with pytest.raises(ConfigError, match="bucket_window"):
@@ -146,8 +147,9 @@ def test_a_shard_that_fits_is_replayed_from_memory_with_the_same_batches():
     table = make_table(skewed_lengths(500))
     stream = _Stream(table)
     cache = ShardCache(stream, max_bytes=table.nbytes * 2, expected_rows=500)
-    first = _ids(cache.batches(lambda b: b, 16, 4, "features", seed=0, epoch=1))
-    again = _ids(cache.batches(lambda b: b, 16, 4, "features", seed=0, epoch=1))
+    batching = dict(collate=lambda b: b, batch_size=16, window=4, column="features", seed=0, epoch=1)
+    first = _ids(cache.batches(**batching))
+    again = _ids(cache.batches(**batching))
     assert stream.passes == 1 and first == again  # replayed, not re-read
     assert sorted(sum(first, [])) == list(range(500))
 
@@ -158,5 +160,7 @@ def test_a_shard_that_does_not_fit_streams_and_holds_nothing():
         stream = _Stream(table)
         cache = ShardCache(stream, max_bytes=table.nbytes // 3, expected_rows=expected_rows)
         for _ in range(2):
-            assert sorted(sum(_ids(cache.batches(lambda b: b, 16, 1, "features", 0, 0)), [])) == list(range(500))
+            batches = cache.batches(collate=lambda b: b, batch_size=16, window=1, column="features",
+                                    seed=0, epoch=0)
+            assert sorted(sum(_ids(batches), [])) == list(range(500))
         assert stream.passes == 2 and cache.windows is None

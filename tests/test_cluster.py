@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-from jobs.submit import (EXCLUDES, build_entrypoint, build_runtime_env, check_no_secrets,
-                         failure_summary, plaintext_remote, relative_path_warnings, resolve_address,
-                         resolve_auth_token)
+from pipeline.remote import (EXCLUDES, build_entrypoint, build_runtime_env, check_no_secrets,
+                             failure_summary, plaintext_remote, relative_path_warnings,
+                             resolve_address, resolve_auth_token)
 from pipeline.config import TrainJobConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.train import check_shared_paths
+from pipeline.remote import shared_path_warnings as check_shared_paths
 
 BIN = Path(sys.executable).parent
 SUBMIT_TIMEOUT = 240
@@ -435,10 +435,6 @@ def test_train_job_runs_on_both_nodes_and_tracks_in_the_mlflow_server(cluster, t
 
 
 def test_predict_job_uses_the_registered_alias(cluster, trained_on_cluster, synth_dir, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("jobs.predict") is None:
-        pytest.skip("jobs/predict.py is not in this checkout yet")
     import pyarrow.parquet as pq
 
     assert trained_on_cluster.returncode == 0

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import run_cli
 from pipeline.config import DataConfig
-from pipeline.data import _split_by_hash, list_shards, validate_train_data
+from pipeline.data import _split_by_hash
+from pipeline.shards import list_shards, validate_train_data
 from pipeline.errors import DataError
 
 F32 = pa.list_(pa.list_(pa.float32()))

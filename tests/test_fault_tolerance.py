@@ -15,7 +15,8 @@ import torch
 from conftest import cli_env, run_cli, small_config
 from pipeline import tracking
 from pipeline.errors import PipelineError
-from pipeline.train import config_for_resume, resume_checkpoint, run_training
+from pipeline.checkpoints import config_for_resume, resume_checkpoint
+from pipeline.train import run_training
 
 
 def _history(mlc, run_id, key):
@@ -179,7 +180,8 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step():
     import torch
 
     from pipeline.model import LSTMClassifier
-    from pipeline.train import NonFiniteLoss, train_epoch
+    from pipeline.errors import NonFiniteLoss
+    from pipeline.worker import train_epoch
 
     torch.manual_seed(0)
     model = LSTMClassifier(4, 3, hidden_size=8)

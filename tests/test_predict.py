@@ -12,9 +12,9 @@ import torch
 from pipeline import tracking
 from pipeline.config import PredictJobConfig, load_config
 from pipeline.errors import PipelineError
-from pipeline.model import build_model, pad_arrow
+from pipeline.model import ModelSpec, build_model, pad_arrow
 from pipeline.predict import run_prediction
-from pipeline.train import CHECKPOINT_FILE
+from pipeline.checkpoints import CHECKPOINT_FILE
 
 
 def predict_config(trained, input_path, output, *extra):
@@ -31,7 +31,7 @@ def predict_config(trained, input_path, output, *extra):
 def trained_module(trained):
     state = torch.load(os.path.join(trained["result"].checkpoint_path, CHECKPOINT_FILE),
                        weights_only=True)
-    module = build_model(state["meta"]).eval()
+    module = build_model(ModelSpec.from_dict(state["meta"])).eval()
     module.load_state_dict(state["model"])
     return module
 

@@ -15,7 +15,8 @@ from pipeline.config import PredictJobConfig, load_config
 from pipeline.errors import DataError
 from pipeline.predict import run_prediction
 from pipeline.prepare import PrepareSpec, prepare
-from pipeline.train import CHECKPOINT_FILE, run_training
+from pipeline.checkpoints import CHECKPOINT_FILE
+from pipeline.train import run_training
 
 CLASSES = ["falling", "flat", "rising"]  # sorted: indices 0, 1, 2
 

@@ -14,10 +14,11 @@ import torch
 from conftest import small_config
 from pipeline import tracking
 from pipeline.config import PredictJobConfig, load_config
-from pipeline.model import build_model, pad_arrow
+from pipeline.model import ModelSpec, build_model, pad_arrow
 from pipeline.predict import run_prediction
 from pipeline.prepare import PrepareSpec, prepare
-from pipeline.train import CHECKPOINT_FILE, run_training
+from pipeline.checkpoints import CHECKPOINT_FILE
+from pipeline.train import run_training
 
 WINDOW, HORIZON = 16, 3
 
@@ -103,7 +104,7 @@ def test_forecast_beats_the_last_value_baseline(forecast, tmp_path):
     got = np.stack(model.predict(sample)["prediction"].to_list())
     x, lengths, _ = pad_arrow(inp.slice(0, 4).column("features"))
     state = torch.load(Path(res.checkpoint_path) / CHECKPOINT_FILE, weights_only=True)
-    module = build_model(state["meta"]).eval()
+    module = build_model(ModelSpec.from_dict(state["meta"])).eval()
     module.load_state_dict(state["model"])
     with torch.no_grad():
         np.testing.assert_allclose(got, module(torch.from_numpy(x), torch.from_numpy(lengths)).numpy(),

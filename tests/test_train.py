@@ -12,8 +12,9 @@ import torch
 from conftest import cli_env, small_config
 from pipeline import tracking
 from pipeline.errors import DataError, TrainingError
-from pipeline.model import build_model, pad_arrow
-from pipeline.train import CHECKPOINT_FILE, run_training
+from pipeline.model import ModelSpec, build_model, pad_arrow
+from pipeline.checkpoints import CHECKPOINT_FILE
+from pipeline.train import run_training
 
 CHANCE = 1 / 3
 
@@ -86,7 +87,7 @@ def test_registry_model_in_a_fresh_process_matches_the_trained_module(trained, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The trained module, straight from the best checkpoint.
     state = torch.load(os.path.join(res.checkpoint_path, CHECKPOINT_FILE), weights_only=True)
-    module = build_model(state["meta"]).eval()
+    module = build_model(ModelSpec.from_dict(state["meta"])).eval()
     module.load_state_dict(state["model"])
     x, lengths, _ = pad_arrow(table.column("features"))
     with torch.no_grad():
