@@ -126,9 +126,11 @@ def uea(name, out, list_names, overwrite) -> None:
     if not name or not out:
         raise DataError("give a dataset NAME and --out DIR (see --list for the names)")
     facts = write_uea(name, out, overwrite)
+    classes = (f"{len(facts['class_names'])} classes: {', '.join(facts['class_names'])}"
+               if facts["class_names"] else "regression targets; train with model.task=regression")
     click.echo(f"wrote {facts['examples']['train']} training and {facts['examples']['val']} "
-               f"validation sequences of {name} ({len(facts['features'])} channels, "
-               f"{len(facts['class_names'])} classes: {', '.join(facts['class_names'])}) to {out}")
+               f"validation sequences of {name} ({len(facts['features'])} channels, {classes}) "
+               f"to {out}")
 
 
 @data.command()

@@ -131,8 +131,14 @@ class ShardCache:
         if window <= 1:
             return map(collate, (piece for table in self.iter_windows(batch_size)
                                  for piece in _slices(table, batch_size)))
-        windows = self.iter_windows(window * batch_size)
+        windows = self.iter_windows(window_rows(batch_size, window))
         return map(collate, bucketed_batches(windows, batch_size, column, seed, epoch, rank))
+
+
+def window_rows(batch_size: int, window: int) -> int:
+    """Rows per window a shard is read in: `window` batches, or one batch without bucketing. A
+    pass that reads the shard in these windows fills the cache that the epochs replay."""
+    return window * batch_size if window > 1 else batch_size
 
 
 def _slices(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:

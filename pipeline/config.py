@@ -146,6 +146,14 @@ class OptimConfig:
     """Where Ray Train writes checkpoints: a local directory (made absolute) or a URI."""
     checkpoints_to_keep: int = 2
     """Checkpoints kept on storage: the best K by validation loss, plus always the latest."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every this many epochs; one is also saved after the last epoch and
+    whenever the validation loss improves (the model that is logged is the best one). A restart
+    after a failure repeats at most checkpoint_every - 1 epochs."""
+    deterministic: bool = False
+    """Ask PyTorch for deterministic kernels (torch.use_deterministic_algorithms, cuDNN's
+    deterministic mode): GPU runs repeat bit for bit where PyTorch can, at some speed. CPU runs
+    repeat without it (same config, seed and number of workers)."""
     max_failures: int = 1
     """Times Ray Train restarts the worker group from the latest checkpoint after a failure
     (a dead worker, a preempted node); -1 retries forever."""
@@ -179,6 +187,8 @@ class OptimConfig:
             problems.append("train.log_every_n_steps must be >= 1")
         if self.checkpoints_to_keep < 1:
             problems.append("train.checkpoints_to_keep must be >= 1")
+        if self.checkpoint_every < 1:
+            problems.append("train.checkpoint_every must be >= 1 (epochs)")
         if self.max_failures < -1:
             problems.append("train.max_failures must be >= 0 (or -1 for unlimited)")
         if self.lr_step_epochs < 1 or not 0 < self.lr_gamma <= 1:

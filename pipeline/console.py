@@ -118,21 +118,67 @@ class BelowError:
         return record.levelno < logging.ERROR
 
 
-def print_epochs(queue, epochs: int, task, console: Callable[[str], None], stop: threading.Event,
-                 patience: int | None) -> None:
-    """The driver's thread: one console line per epoch that rank 0 put on `queue`."""
-    while not stop.is_set():
+class EpochLines:
+    """The driver's console during fit(): one line per epoch that rank 0 puts on the queue, with
+    the epoch's wall time (checkpoint included) and an ETA from it; remembers when the first epoch
+    started and the last one was reported, for the run's time breakdown.
+
+        lines = EpochLines(queue, epochs, task, console, patience)
+        with lines.running():
+            trainer.fit()
+    """
+
+    def __init__(self, queue, epochs: int, task, console: Callable[[str], None],
+                 patience: int | None):
+        self.queue, self.epochs, self.task, self.console = queue, epochs, task, console
+        self.patience = patience
+        self.first_started: float | None = None
+        self.last_reported: float | None = None
+        self.walls: list[float] = []
+        self.statistics_s = 0.0
+        self._stop = threading.Event()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
         try:
-            m = queue.get(timeout=0.5)
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+            while self._next(block=False):  # lines still on their way when fit() returned
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._next(block=True)
+
+    def _next(self, block: bool) -> bool:
+        try:
+            m = self.queue.get(block=block, timeout=0.2 if block else None)
         except Exception:  # noqa: BLE001  (queue.Empty, or the queue actor gone at shutdown)
-            continue
+            return False
+        self.show(m)
+        return True
+
+    def show(self, m: dict) -> None:
+        if "note" in m:
+            self.statistics_s += m.get("statistics_s", 0.0)
+            self.console(m["note"])
+            return
         done = m["epoch"]
-        eta = m["epoch_seconds"] * (epochs - done)
-        console(f"epoch {done}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-                f"{task.console(m)}  {m['sequences_per_second']:.0f} seq/s  "
-                f"{m['epoch_seconds']:.1f}s  ETA {eta:.0f}s")
+        wall = m["reported_at"] - m["started_at"]
+        self.first_started = self.first_started or m["started_at"]
+        self.last_reported = m["reported_at"]
+        self.walls.append(wall)
+        recent = self.walls[-3:]  # epoch 1 streams the data; later ones may replay it from memory
+        eta = sum(recent) / len(recent) * (self.epochs - done)
+        self.console(f"epoch {done}/{self.epochs}  train_loss {m['train_loss']:.4f}  "
+                     f"val_loss {m['val_loss']:.4f}  {self.task.console(m)}  "
+                     f"{m['sequences_per_second']:.0f} seq/s  {wall:.1f}s  ETA {eta:.0f}s")
         if m.get("early_stopped"):
-            console(f"early stopping: no better validation metric for {patience} epochs")
+            self.console(f"early stopping: no better validation metric for {self.patience} epochs")
 
 
 def explain_failure(exc: BaseException) -> str:
@@ -192,8 +238,9 @@ class Timeline:
     """
     LABELS = {"data_checks": "data checks", "tracking": "MLflow", "ray_start": "Ray start",
               "statistics": "normalization", "worker_start": "workers start", "epochs": "epochs",
-              "worker_stop": "workers stop", "model_logging": "model logging",
-              "registration": "registration", "predict": "predict", "publish": "publish"}
+              "worker_stop": "workers stop", "ray_stop": "Ray stop",
+              "model_logging": "model logging", "registration": "registration",
+              "model_load": "model load", "predict": "predict", "publish": "publish"}
 
     def __init__(self) -> None:
         import time

@@ -1,10 +1,11 @@
 """Per-feature (and regression target) statistics of the training split, in one streaming pass.
 
-Ray Data maps every training batch to its count, mean and sum of squared deviations per feature
-(over all valid time steps), and the driver merges those partial moments exactly (Chan et al.'s
-parallel update), so the result equals numpy's mean and population std (ddof=0) over the split
-without holding it. With a `val_fraction` split, the pass reads the already-split training
-dataset, so validation rows never contribute.
+Each training worker computes them over its own shard before its first epoch (`shard_statistics`,
+the same pass that fills its shard cache, so small data is read once), and the workers' partial
+moments are merged exactly: count, mean and sum of squared deviations per feature over all valid
+time steps, combined with Chan et al.'s parallel update, so the result equals numpy's mean and
+population std (ddof=0) over the split without holding it. With a `val_fraction` split, the pass
+reads the already-split training rows, so validation rows never contribute.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def batch_moments(batch: pa.Table, features_column: str, label_column: str | Non
     return pa.table(row)
 
 
-def merge(parts: list[tuple[int, list[float], list[float]]]) -> dict[str, list[float]] | None:
-    """Exact merge of partial (count, mean, M2) -> {"mean", "std", "count"} (population std)."""
+def combine(parts) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """Exact merge of partial (count, mean, M2) into one (count, mean, M2); None when empty."""
     n, mean, m2 = 0, None, None
     for nb, mb, m2b in parts:
         if nb == 0:
@@ -67,23 +68,33 @@ def merge(parts: list[tuple[int, list[float], list[float]]]) -> dict[str, list[f
         mean = mean + delta * nb / total
         m2 = m2 + m2b + delta ** 2 * n * nb / total
         n = total
-    if mean is None:
+    return None if mean is None else (n, mean, m2)
+
+
+def merge(parts) -> dict[str, Any] | None:
+    """Partial (count, mean, M2) -> {"mean", "std", "count"} (population std; 1 where it is 0)."""
+    combined = combine(parts)
+    if combined is None:
         return None
+    n, mean, m2 = combined
     std = np.sqrt(m2 / n)
     return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist(), "count": int(n)}
 
 
-def compute(train_ds, features_column: str, label_column: str | None, n_features: int
-            ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(feature statistics, target statistics or None) of a Ray Dataset, one streaming pass."""
-    rows = train_ds.map_batches(
-        batch_moments, batch_format="pyarrow", batch_size=4096,
-        fn_kwargs=dict(features_column=features_column, label_column=label_column,
-                       n_features=n_features),
-    ).take_all()
-    bad = [r["error"] for r in rows if r.get("error")]
-    if bad:
-        raise DataError(f"bad training data: {bad[0]}: {CHECK_HINT}")
-    features = merge([(r["n"], r["mean"], r["m2"]) for r in rows])
-    target = merge([(r["ln"], r["lmean"], r["lm2"]) for r in rows]) if label_column else None
+def shard_statistics(windows, features_column: str, label_column: str | None, n_features: int,
+                     gather) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(feature statistics, target statistics or None) over every worker's windows of its shard.
+    `gather(obj)` returns every worker's obj in rank order (all_gather_object), so every worker
+    merges the same parts in the same order and gets the same statistics, to the last bit."""
+    parts, targets = [], []
+    for table in windows:
+        row = batch_moments(table, features_column, label_column, n_features).to_pylist()[0]
+        if row["error"]:
+            raise DataError(f"bad training data: {row['error']}: {CHECK_HINT}")
+        parts.append((row["n"], row["mean"], row["m2"]))
+        if label_column is not None:
+            targets.append((row["ln"], row["lmean"], row["lm2"]))
+    everyone = gather((combine(parts), combine(targets)))
+    features = merge([m[0] for m in everyone if m[0] is not None])
+    target = merge([m[1] for m in everyone if m[1] is not None]) if label_column else None
     return features, target

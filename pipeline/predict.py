@@ -12,6 +12,7 @@ the output appears whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import inspect
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from pipeline import report, tracking
 from pipeline.cluster import ray_connection
 from pipeline.config import DataConfig, PredictJobConfig, dump_yaml, flatten, to_dict
-from pipeline.console import first_line, user_error_in
+from pipeline.console import Timeline, first_line, user_error_in
 from pipeline.data import read_parquet_columns
 from pipeline.errors import DataError, PipelineError, collect
 from pipeline.model import ModelSpec, build_model, pad_arrow
@@ -173,13 +174,18 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                 (("model", "model"), ("input_path", "input"), ("output_path", "output"))
                 if getattr(p, key) in (None, "", [])]
     collect(problems, PipelineError)
-    # The output's place and ownership are checked before anything else is done.
-    output = Output(p.output_path, "predict", overwrite=p.overwrite,
-                    inputs={"--input": p.input_path}, flag="--output")
-    uri, mlc, exp_id = tracking.open_experiment(
-        cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-    model = resolve_model(p.model, mlc, uri)
-    plan = _plan(cfg, model, output)
+    timeline = Timeline()
+    with timeline.phase("data_checks"):
+        # The output's place and ownership are checked before anything else is done.
+        output = Output(p.output_path, "predict", overwrite=p.overwrite,
+                        inputs={"--input": p.input_path}, flag="--output")
+    with timeline.phase("tracking"):
+        uri, mlc, exp_id = tracking.open_experiment(
+            cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    with timeline.phase("model_load"):
+        model = resolve_model(p.model, mlc, uri)
+    with timeline.phase("data_checks"):
+        plan = _plan(cfg, model, output)
 
     run_name = cfg.tracking.run_name or f"predict-{model.name or 'model'}-v{model.version or 'x'}-" \
                                         f"{dt.datetime.now():%Y%m%d-%H%M%S}"
@@ -197,30 +203,37 @@ def run_prediction(cfg: PredictJobConfig, *, command: str | None = None,
                 + (" (continuing the interrupted run of this job)" if resume_run_id else ""))
         console(f"model: {model.uri} (run {model.run_id}); input: {plan.rows} rows in "
                 f"{len(plan.files)} files")
-        if resume_run_id is None:
-            report.log_datasets(mlc, run_id, [("predict", plan.files, plan.rows)], None)
-            tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
-                "model.resolved_uri": model.uri, "model.name": model.name,
-                "model.version": model.version, "model.run_id": model.run_id,
-                "input.rows": plan.rows})
-        else:
-            mlc.log_text(run_id, redact(dump_yaml(cfg)), f"config-resume-{int(time.time())}.yaml")
+        with timeline.phase("tracking"):
+            _record_inputs(mlc, run_id, cfg, model, plan, resumed=resume_run_id is not None)
         start = time.perf_counter()
-        rows = _predict_chunks(cfg, model, plan, run_id, console)
+        rows = _predict_chunks(cfg, model, plan, run_id, console, timeline)
         seconds = time.perf_counter() - start
         metrics = {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds}
         label = cfg.data.label_column
         if plan.has_label and label in plan.keep:
             metrics |= _output_metrics(task_for(model.spec), output.target, label, mlc, run_id)
         accuracy = metrics.get("accuracy")
-        mlc.log_batch(run_id, metrics=_metric_list(metrics))
+        tracking.log_metrics(mlc, run_id, metrics | timeline.metrics())
         rmse_text = (f", RMSE {metrics['rmse']:.4f} MAE {metrics['mae']:.4f} R2 {metrics['r2']:.4f}"
                      if "rmse" in metrics else "")
         console(f"predicted {rows} rows in {seconds:.1f}s ({rows / seconds:.0f} rows/s)"
                 f"{f', accuracy {accuracy:.4f}' if accuracy is not None else ''}"
                 f"{rmse_text} -> {output.target}")
+        console(f"time: {timeline.summary()}")
         return PredictResult(run_id=run_id, output_path=output.target, rows=rows, seconds=seconds,
                              rows_per_second=rows / seconds, accuracy=accuracy, model=model)
+
+
+def _record_inputs(mlc, run_id: str, cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan,
+                   resumed: bool) -> None:
+    """Params and the dataset input of a new run; the config of a continued one."""
+    if resumed:
+        mlc.log_text(run_id, redact(dump_yaml(cfg)), f"config-resume-{int(time.time())}.yaml")
+        return
+    report.log_datasets(mlc, run_id, [("predict", plan.files, plan.rows)], None)
+    tracking.log_params(mlc, run_id, flatten(to_dict(cfg)) | {
+        "model.resolved_uri": model.uri, "model.name": model.name, "model.version": model.version,
+        "model.run_id": model.run_id, "input.rows": plan.rows})
 
 
 def _no_actor_restarts() -> dict[str, int]:
@@ -263,7 +276,7 @@ def _predict_chunk(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, chu
 
 
 def _predict_chunks(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, run_id: str,
-                    console: Callable[[str], None]) -> int:
+                    console: Callable[[str], None], timeline: Timeline) -> int:
     """Predict every chunk not finished by an earlier attempt into the staging directory, then
     publish it; returns the rows written."""
     p, output = cfg.predict, plan.output
@@ -272,32 +285,21 @@ def _predict_chunks(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, ru
     with fs.open_output_stream(f"{inner}/{RUN_FILE}") as fh:
         fh.write(json.dumps({"run_id": run_id}).encode())
     need = p.num_actors * p.cpus_per_actor
-    # Leave at least one CPU for the read tasks: a pool holding every CPU starves them.
-    with ray_connection(cfg.cluster.address, need + 1, p.num_actors if p.use_gpu else 0,
-                        f"{p.num_actors} actors x {p.cpus_per_actor} CPUs plus the reads",
-                        "lower predict.num_actors / predict.cpus_per_actor or add nodes",
-                        cfg.cluster.local_num_cpus):
+    with contextlib.ExitStack() as ray_session:
+        with timeline.phase("ray_start"):
+            # Leave at least one CPU for the read tasks: a pool holding every CPU starves them.
+            ray_session.enter_context(ray_connection(
+                cfg.cluster.address, need + 1, p.num_actors if p.use_gpu else 0,
+                f"{p.num_actors} actors x {p.cpus_per_actor} CPUs plus the reads",
+                "lower predict.num_actors / predict.cpus_per_actor or add nodes",
+                cfg.cluster.local_num_cpus))
         chunks = _chunks(plan.files, p.chunk_bytes)
-        done = 0
-        for i, chunk in enumerate(chunks):
-            target = f"{staging}/chunk-{i:05d}"
-            if _chunk_done(target, chunk):
-                done += 1
-                continue
-            for attempt in range(p.max_failures + 1):
-                try:
-                    _predict_chunk(cfg, model, plan, chunk, target)
-                    break
-                except Exception as exc:  # noqa: BLE001  (a lost actor or node: redo the chunk)
-                    error = user_error_in(exc)
-                    if error is not None:
-                        raise error from None  # the data's fault: the same on every attempt
-                    if attempt == p.max_failures:
-                        raise PipelineError(f"predicting chunk {i + 1} of {len(chunks)} failed "
-                                            f"{attempt + 1} times ({first_line(exc)}): rerun the "
-                                            "same command to resume; see the Ray logs") from None
-                    console(f"chunk {i + 1} of {len(chunks)} failed ({type(exc).__name__}); "
-                            f"predicting it again ({attempt + 1} of {p.max_failures})")
+        with timeline.phase("predict"):
+            done = sum(_predict_or_skip(cfg, model, plan, chunk, f"{staging}/chunk-{i:05d}",
+                                        f"{i + 1} of {len(chunks)}", console)
+                       for i, chunk in enumerate(chunks))
+        with timeline.phase("ray_stop"):
+            ray_session.close()
     if done:
         console(f"resumed: {done} of {len(chunks)} input chunks were already predicted in {staging}")
     rows = _count_rows(staging)
@@ -305,19 +307,37 @@ def _predict_chunks(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, ru
         remove(staging)
         raise PipelineError(f"wrote {rows} rows for {plan.rows} input rows: nothing was "
                             "published; rerun the job")
-    # The markers served the reruns; the published output holds predictions only.
-    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        if info.base_name in (DONE_MARKER, RUN_FILE):
-            fs.delete_file(info.path)
-    output.publish()
+    with timeline.phase("publish"):
+        # The markers served the reruns; the published output holds predictions only.
+        for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+            if info.base_name in (DONE_MARKER, RUN_FILE):
+                fs.delete_file(info.path)
+        output.publish()
     return rows
 
 
-def _metric_list(metrics: dict[str, float]):
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    return [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+def _predict_or_skip(cfg: PredictJobConfig, model: ResolvedModel, plan: _Plan, chunk: list[str],
+                     target: str, which: str, console) -> bool:
+    """Predict one chunk into `target`, redoing it after a failure that is not the data's;
+    True when an earlier attempt of the job had finished it already."""
+    if _chunk_done(target, chunk):
+        return True
+    max_failures = cfg.predict.max_failures
+    for attempt in range(max_failures + 1):
+        try:
+            _predict_chunk(cfg, model, plan, chunk, target)
+            return False
+        except Exception as exc:  # noqa: BLE001  (a lost actor or node: redo the chunk)
+            error = user_error_in(exc)
+            if error is not None:
+                raise error from None  # the data's fault: the same on every attempt
+            if attempt == max_failures:
+                raise PipelineError(f"predicting chunk {which} failed {attempt + 1} times "
+                                    f"({first_line(exc)}): rerun the same command to resume; "
+                                    "see the Ray logs") from None
+            console(f"chunk {which} failed ({type(exc).__name__}); predicting it again "
+                    f"({attempt + 1} of {max_failures})")
+    return False
 
 
 def _chunks(files: list[str], chunk_bytes: int) -> list[list[str]]:

@@ -191,6 +191,14 @@ def log_params(mlc, run_id: str, params: dict[str, Any]) -> None:
         mlc.log_batch(run_id, params=items[i:i + 100])
 
 
+def log_metrics(mlc, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log a few metrics at once (the run's summary numbers)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    mlc.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
 class MetricLogger:
     """Rank-0 metric logging that never blocks a training step: MLflow's async batch logging.
 

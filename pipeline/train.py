@@ -11,10 +11,10 @@ and the model of the best checkpoint is logged and registered.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,10 +31,10 @@ from pipeline.checkpoints import (
 )
 from pipeline.cluster import ray_connection
 from pipeline.config import TrainJobConfig, dump_yaml, flatten, to_dict
-from pipeline.console import explain_failure, fit_interruptible, print_epochs
+from pipeline.console import EpochLines, Timeline, explain_failure, fit_interruptible
 from pipeline.data import make_datasets
 from pipeline.errors import DataError, PipelineError, TrainingError, collect
-from pipeline.model import ModelSpec, Moments
+from pipeline.model import ModelSpec
 from pipeline.prepare import dataset_facts
 from pipeline.redact import redact
 from pipeline.remote import shared_path_warnings
@@ -61,13 +61,16 @@ class TrainResult:
     """The best checkpoint's validation metrics (val_loss, val_accuracy or val_mae/rmse/r2)."""
     summary: str = ""
     """The task's line for the best validation metrics (what the CLI prints)."""
+    time_summary: str = ""
+    """Where the run's wall time went (Timeline.summary)."""
     def summary_lines(self) -> list[str]:
         """What `lstm-pipeline train` prints at the end."""
         lines = [f"run id:          {self.run_id}"]
         if self.version:
             alias = f" (alias @{self.alias})" if self.alias else ""
             lines.append(f"registered:      models:/{self.registered_name}/{self.version}{alias}")
-        lines += [f"model:           {self.model_uri}", self.summary]
+        lines += [f"model:           {self.model_uri}", self.summary,
+                  f"time:            {self.time_summary}"]
         if self.tracking_uri.startswith("sqlite:"):
             default = tracking.resolve_tracking_uri(None)
             lines.append("open the UI:     lstm-pipeline ui" + (
@@ -187,15 +190,18 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     checkpoint to `train.epochs`, logging into the same run (checkpoints.NothingToDo when no
     epoch is left).
     """
-    cfg = absolute_paths(cfg)
-    check_outputs(cfg)
-    facts = prepared_facts(cfg)  # a dataset made for another task: that first, in one line
-    data = validate_train_data(cfg.data, regression=cfg.model.task == "regression")
-    check_rows_per_worker(cfg, data)
-    spec = model_spec(cfg, data, facts)
+    timeline = Timeline()
+    with timeline.phase("data_checks"):
+        cfg = absolute_paths(cfg)
+        check_outputs(cfg)
+        facts = prepared_facts(cfg)  # a dataset made for another task: that first, in one line
+        data = validate_train_data(cfg.data, regression=cfg.model.task == "regression")
+        check_rows_per_worker(cfg, data)
+        spec = model_spec(cfg, data, facts)
     console(_data_line(cfg, data, spec))
-    uri, mlc, exp_id = tracking.open_experiment(
-        cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    with timeline.phase("tracking"):
+        uri, mlc, exp_id = tracking.open_experiment(
+            cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     resume_from = None
     if resume_run_id is not None:
         # Everything a resume could refuse is checked before the run is reopened.
@@ -210,24 +216,33 @@ def run_training(cfg: TrainJobConfig, *, config_text: str | None = None,
     with tracking.tracked_run(mlc, exp_id, _run_name(cfg), tags, resume_run_id) as run_id:
         console(f"mlflow: run {run_id} in experiment {cfg.tracking.experiment!r} at {redact(uri)}"
                 + (" (resumed)" if resume_run_id else ""))
-        _record_inputs(mlc, run_id, cfg, data, spec, config_text, resumed=resume_run_id is not None)
-        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        with ray_connection(cfg.scaling.address, need,
-                            cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
-                            f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs",
-                            "lower scaling.num_workers / scaling.cpus_per_worker or add nodes",
-                            cfg.scaling.local_num_cpus):
-            import ray
-
-            resolved = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
-            for warning in shared_path_warnings(resolved, sum(n["Alive"] for n in ray.nodes())):
-                console(f"WARNING: {redact(warning)}")
+        with timeline.phase("tracking"):
+            _record_inputs(mlc, run_id, cfg, data, spec, config_text, resumed=resume_run_id is not None)
+        with contextlib.ExitStack() as ray_session:
+            with timeline.phase("ray_start"):
+                need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+                ray_session.enter_context(ray_connection(
+                    cfg.scaling.address, need, cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
+                    f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs",
+                    "lower scaling.num_workers / scaling.cpus_per_worker or add nodes",
+                    cfg.scaling.local_num_cpus))
+            _warn_unshared_paths(cfg, uri, console)
             train_ds, val_ds = make_datasets(data, cfg.data)
-            spec = _with_statistics(cfg, spec, train_ds, console)
+            # The workers compute the normalization statistics (pipeline.worker.with_statistics).
             args = WorkerArgs(cfg=cfg, spec=spec, run_id=run_id, tracking_uri=uri,
                               shard_rows=_shard_rows(data, cfg), resume_from=resume_from)
-            result = fit(args, train_ds, val_ds, console)
-        return _log_result(mlc, cfg, data, spec, result, uri, exp_id, run_id)
+            result = fit(args, train_ds, val_ds, console, timeline)
+            with timeline.phase("ray_stop"):
+                ray_session.close()
+        return _log_result(mlc, cfg, data, spec, result, uri, exp_id, run_id, timeline)
+
+
+def _warn_unshared_paths(cfg: TrainJobConfig, uri: str, console) -> None:
+    import ray
+
+    resolved = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
+    for warning in shared_path_warnings(resolved, sum(n["Alive"] for n in ray.nodes())):
+        console(f"WARNING: {redact(warning)}")
 
 
 def _run_name(cfg: TrainJobConfig) -> str:
@@ -276,30 +291,25 @@ def _record_inputs(mlc, run_id: str, cfg: TrainJobConfig, data: TrainData, spec:
     mlc.set_tag(run_id, "data_digest", digests["train"])
 
 
-def _with_statistics(cfg: TrainJobConfig, spec: ModelSpec, train_ds, console) -> ModelSpec:
-    """The spec with the training split's feature (and target) statistics, when data.normalize
-    and the model has none yet (a resume keeps its own)."""
-    if not cfg.data.normalize or spec.normalization is not None:
-        return spec
-    from pipeline import normalize
-
-    features, target = normalize.compute(train_ds, cfg.data.features_column,
-                                         cfg.data.label_column if spec.regression else None,
-                                         spec.n_features)
-    console(f"normalization: mean/std of {len(features['mean'])} features over "
-            f"{features['count']} training steps"
-            + (f"; targets mean {target['mean'][0]:.4g} std {target['std'][0]:.4g}" if target else ""))
-    return spec.replace(normalization=Moments.from_dict(features),
-                        target_normalization=Moments.from_dict(target))
+HEALTH_CHECK_INTERVAL_S = "0.1"
+"""How often Ray Train's controller polls the workers. A worker's report waits in a one-slot
+queue until the controller's next poll (Ray's default: every 2 s), so a short epoch took 2 s of
+wall time whatever its compute; polling ten times a second costs the controller little."""
 
 
-def fit(args: WorkerArgs, train_ds, val_ds, console: Callable[[str], None]):
+def fit(args: WorkerArgs, train_ds, val_ds, console: Callable[[str], None],
+        timeline: Timeline | None = None):
     """Run the TorchTrainer, printing one line per epoch; returns Ray Train's Result."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     cfg = args.cfg
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    # The same data order in every run of a config: blocks reach the workers in dataset order,
+    # so the split across workers, and each worker's stream, do not depend on timing.
+    ingest = ExecutionOptions(preserve_order=True)
     args.progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -320,38 +330,44 @@ def fit(args: WorkerArgs, train_ds, val_ds, console: Callable[[str], None]):
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": worker_env(cfg.scaling.reuse_memory)},
+            worker_runtime_env={"env_vars": worker_env(cfg.scaling.reuse_memory)
+                                | (DETERMINISTIC_ENV if cfg.train.deterministic else {})},
         ),
         datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
-    stop = threading.Event()
-    printer = threading.Thread(target=print_epochs, daemon=True,
-                               args=(args.progress, cfg.train.epochs, task_for(args.spec), console,
-                                     stop, cfg.train.early_stopping_patience))
-    printer.start()
+    lines = EpochLines(args.progress, cfg.train.epochs, task_for(args.spec), console,
+                       cfg.train.early_stopping_patience)
+    started = time.time()
     try:
-        with fit_interruptible():
+        with lines.running(), fit_interruptible():
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(explain_failure(exc)) from None
-    finally:
-        time.sleep(0.6)  # let the last epoch line print
-        stop.set()
-        printer.join()
+    if timeline is not None and lines.first_started is not None:
+        timeline.add("worker_start", lines.first_started - started - lines.statistics_s)
+        timeline.add("statistics", lines.statistics_s)
+        timeline.add("epochs", lines.last_reported - lines.first_started)
+        timeline.add("worker_stop", time.time() - lines.last_reported)
     return result
+
+
+DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+"""cuBLAS needs this before CUDA starts to run deterministically (train.deterministic)."""
 
 
 # --------------------------------------------------------------------------- after training
 
 
 def _log_result(mlc, cfg: TrainJobConfig, data: TrainData, spec: ModelSpec, result, uri: str,
-                exp_id: str, run_id: str) -> TrainResult:
+                exp_id: str, run_id: str, timeline: Timeline) -> TrainResult:
     """From the best checkpoint (lowest val_loss): best metrics, learning curves, the confusion
     matrix, the logged model and its registered version."""
     best_ckpt, best = min(result.best_checkpoints or [(result.checkpoint, result.metrics)],
                           key=lambda cm: cm[1]["val_loss"])
     with best_ckpt.as_directory() as path:
         state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    spec = ModelSpec.from_dict(state["meta"])  # with the statistics the workers computed
     task = task_for(spec, cfg.train)
     for key in (k for k in task.metric_keys if k in best):
         mlc.log_metric(run_id, f"best_{key}", best[key])
@@ -361,26 +377,34 @@ def _log_result(mlc, cfg: TrainJobConfig, data: TrainData, spec: ModelSpec, resu
         report.log_confusion(mlc, run_id, state["val_confusion"].numpy(),
                              list(spec.class_names) if spec.class_names else None,
                              title=f"validation, epoch {best['epoch']}: ")
-    model_uri = tracking.log_model(run_id, uri, state["model"], spec, task.signature(),
-                                   _input_example(data, cfg))
+    with timeline.phase("model_logging"):
+        model_uri = tracking.log_model(run_id, uri, state["model"], spec, task.signature(),
+                                       _input_example(data, cfg))
     version = None
     if cfg.tracking.registered_model_name:
-        version = tracking.register_model(
-            mlc, model_uri, run_id, cfg.tracking.registered_model_name, cfg.tracking.alias,
-            description=(f"LSTM {spec.task} from run {run_id} ({mlc.get_run(run_id).info.run_name}): "
-                         f"{report.result_summary(best)} at epoch {best['epoch']} "
-                         f"of {cfg.train.epochs}; trained on {data.train_rows} sequences"),
-            tags={"run_id": run_id, "checkpoint": best_ckpt.path,
-                  "data_digest": mlc.get_run(run_id).data.tags.get("data_digest", ""),
-                  "task": spec.task},
-        )
+        with timeline.phase("registration"):
+            version = _register(mlc, cfg, data, spec, run_id, model_uri, best, best_ckpt.path)
+    tracking.log_metrics(mlc, run_id, timeline.metrics())
     val = {k: float(v) for k, v in best.items() if k.startswith("val_") and isinstance(v, (int, float))}
     return TrainResult(
         run_id=run_id, experiment_id=exp_id, tracking_uri=uri, model_uri=model_uri,
         registered_name=cfg.tracking.registered_model_name, version=version,
         alias=cfg.tracking.alias, val_accuracy=float(best.get("val_accuracy", "nan")),
         val_loss=float(best["val_loss"]), checkpoint_path=best_ckpt.path, val_metrics=val,
-        summary=task.summary(val))
+        summary=task.summary(val), time_summary=timeline.summary())
+
+
+def _register(mlc, cfg: TrainJobConfig, data: TrainData, spec: ModelSpec, run_id: str,
+              model_uri: str, best: dict, checkpoint: str) -> str:
+    return tracking.register_model(
+        mlc, model_uri, run_id, cfg.tracking.registered_model_name, cfg.tracking.alias,
+        description=(f"LSTM {spec.task} from run {run_id} ({mlc.get_run(run_id).info.run_name}): "
+                     f"{report.result_summary(best)} at epoch {best['epoch']} "
+                     f"of {cfg.train.epochs}; trained on {data.train_rows} sequences"),
+        tags={"run_id": run_id, "checkpoint": checkpoint,
+              "data_digest": mlc.get_run(run_id).data.tags.get("data_digest", ""),
+              "task": spec.task},
+    )
 
 
 def _shard_rows(data: TrainData, cfg: TrainJobConfig) -> dict[str, int]:

@@ -17,19 +17,21 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 
-from pipeline import tracking
-from pipeline.batching import ShardCache
+from pipeline import normalize, tracking
+from pipeline.batching import ShardCache, window_rows
 from pipeline.checkpoints import CHECKPOINT_FILE
 from pipeline.config import TrainJobConfig, to_dict
 from pipeline.data import SequenceCollate
 from pipeline.errors import NonFiniteLoss, TrainingError
-from pipeline.model import ModelSpec, build_model
+from pipeline.model import ModelSpec, Moments, build_model
+from pipeline.redact import redact
 from pipeline.runtime import allocator_in_use
 from pipeline.task import task_for
 
@@ -61,10 +63,18 @@ class Progress:
     """The best value of train.early_stopping_metric so far."""
     stale: int = 0
     """Epochs since it last improved."""
+    best_val_loss: float | None = None
+    """The lowest validation loss so far: a checkpoint is saved whenever it improves."""
 
-    def update(self, metric: str, value: float) -> None:
+    def update(self, metric: str, metrics: dict[str, float]) -> bool:
+        """Take one epoch's metrics; returns whether the validation loss improved."""
+        value = metrics[metric]
         better = self.best is None or (value > self.best if metric == "val_accuracy" else value < self.best)
         self.best, self.stale = (value, 0) if better else (self.best, self.stale + 1)
+        improved = self.best_val_loss is None or metrics["val_loss"] < self.best_val_loss
+        if improved:
+            self.best_val_loss = metrics["val_loss"]
+        return improved
 
 
 # --------------------------------------------------------------------------- steps
@@ -152,7 +162,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_state(directory: str, *, model, optimizer, scheduler, progress: Progress,
-               args: WorkerArgs, val_confusion: torch.Tensor | None) -> None:
+               args: WorkerArgs, spec: ModelSpec, val_confusion: torch.Tensor | None) -> None:
     """checkpoint.pt: everything a restart needs, in types `torch.load(weights_only=True)` reads."""
     torch.save({
         "model": _unwrap(model).state_dict(),
@@ -162,28 +172,35 @@ def save_state(directory: str, *, model, optimizer, scheduler, progress: Progres
         "step": progress.step,
         "best": progress.best,
         "stale": progress.stale,
+        "best_val_loss": progress.best_val_loss,
         "rng": _rng_state(),
         "config": to_dict(args.cfg),
         "run_id": args.run_id,
-        "meta": args.spec.to_dict(),
+        "meta": spec.to_dict(),
         # The validation confusion matrix of this epoch [true, predicted]: the driver logs the
         # best checkpoint's as the run's confusion matrix and per-class table.
         "val_confusion": val_confusion,
     }, os.path.join(directory, CHECKPOINT_FILE))
 
 
-def restore_state(checkpoint, model, optimizer, scheduler) -> Progress:
-    """Load a Ray Train checkpoint into the model, optimizer and schedule; None: a fresh start."""
+def load_state(checkpoint) -> dict[str, Any] | None:
+    """A Ray Train checkpoint's checkpoint.pt (None: no checkpoint)."""
     if checkpoint is None:
-        return Progress()
+        return None
     with checkpoint.as_directory() as path:
-        state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        return torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def restore_state(state: dict[str, Any] | None, model, optimizer, scheduler) -> Progress:
+    """Load a checkpoint's state into the model, optimizer and schedule; None: a fresh start."""
+    if state is None:
+        return Progress()
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return Progress(epoch=state["epoch"] + 1, step=state["step"], best=state["best"],
-                    stale=state["stale"])
+                    stale=state["stale"], best_val_loss=state.get("best_val_loss"))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -192,47 +209,136 @@ def restore_state(checkpoint, model, optimizer, scheduler) -> Progress:
 class Reporter:
     """What a worker tells the world. Rank 0 logs step and epoch metrics to MLflow, samples system
     metrics, saves the checkpoint and feeds the driver's console; every other rank only joins Ray
-    Train's report (a collective: all ranks call it each epoch)."""
+    Train's report (a collective: all ranks call it each epoch). Rank 0 connects to MLflow in a
+    thread while the worker reads its shard and builds the model."""
 
     def __init__(self, args: WorkerArgs, rank: int):
         self.args, self.rank0 = args, rank == 0
         self.every = args.cfg.train.log_every_n_steps
-        self.logger = self.monitor = None
+        self._logger = self.monitor = None
+        self._connecting = None
         if self.rank0:
-            self.logger = tracking.MetricLogger(args.tracking_uri, args.run_id)
-            self.logger.mlc.set_tag(args.run_id, "worker_allocator", allocator_in_use())
-            if args.cfg.tracking.system_metrics:
-                # A sampling thread on this node; it stops once the run is no longer RUNNING.
-                self.monitor = tracking.system_metrics_monitor(
-                    args.tracking_uri, args.run_id, args.cfg.tracking.system_metrics_interval)
+            self._connecting = threading.Thread(target=self._connect, daemon=True)
+            self._connecting.start()
+
+    def _connect(self) -> None:
+        args = self.args
+        self._logger = tracking.MetricLogger(args.tracking_uri, args.run_id)
+        self._logger.mlc.set_tag(args.run_id, "worker_allocator", allocator_in_use())
+        if args.cfg.tracking.system_metrics:
+            # A sampling thread on this node; it stops once the run is no longer RUNNING.
+            self.monitor = tracking.system_metrics_monitor(
+                args.tracking_uri, args.run_id, args.cfg.tracking.system_metrics_interval)
+
+    @property
+    def logger(self):
+        if self._connecting is not None:
+            self._connecting.join()
+            self._connecting = None
+            if self._logger is None:
+                raise TrainingError(f"rank 0 could not connect to MLflow at "
+                                    f"{redact(self.args.tracking_uri)}: see the worker's log")
+        return self._logger
+
+    def note(self, line: str, **extra) -> None:
+        """A line for the driver's console (rank 0)."""
+        if self.rank0 and self.args.progress is not None:
+            self.args.progress.put_nowait({"note": line} | extra)
 
     def step(self, step: int, loss: float) -> None:
-        if self.logger is not None and step % self.every == 0:
+        if self.rank0 and step % self.every == 0:
             self.logger.log({"train_loss_step": loss}, step)
 
-    def epoch(self, metrics: dict[str, float], save: Callable[[str], None]) -> None:
+    def epoch(self, metrics: dict[str, float], save: Callable[[str], None] | None,
+              started_at: float) -> None:
+        """Log the epoch; with `save`, checkpoint it through Ray Train (a collective: every rank
+        decides the same from the all-reduced metrics)."""
         import ray.train
 
-        if not self.rank0:
+        if self.rank0:
+            self.logger.log({k: v for k, v in metrics.items()
+                             if k not in ("epoch", "step", "early_stopped")}, int(metrics["epoch"]))
+            self.logger.flush()
+        if save is not None and self.rank0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save(tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        elif save is not None:
             ray.train.report(metrics, checkpoint=None)
-            return
-        self.logger.log({k: v for k, v in metrics.items()
-                         if k not in ("epoch", "step", "early_stopped")}, int(metrics["epoch"]))
-        self.logger.flush()
-        with tempfile.TemporaryDirectory() as tmp:
-            save(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if self.args.progress is not None:
-            self.args.progress.put_nowait(metrics)
+        if self.rank0 and self.args.progress is not None:
+            # Wall time of the whole epoch, checkpoint included: the console line and the ETA.
+            self.args.progress.put_nowait(metrics | {"started_at": started_at,
+                                                     "reported_at": time.time()})
 
     def close(self) -> None:
-        if self.logger is not None:
+        if self.rank0:
             self.logger.flush(wait=True)
         if self.monitor is not None:
             self.monitor.finish()
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def _gather(obj) -> list:
+    """Every worker's `obj`, in rank order (one worker: just its own)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def with_statistics(spec: ModelSpec, shard: ShardCache, cfg: TrainJobConfig,
+                    reporter: Reporter) -> ModelSpec:
+    """The spec with the training split's feature (and target) statistics, from one pass over
+    every worker's shard (the pass that also fills the shard cache)."""
+    start = time.perf_counter()
+    features, target = normalize.shard_statistics(
+        shard.iter_windows(window_rows(cfg.data.batch_size, cfg.data.bucket_window)),
+        cfg.data.features_column, cfg.data.label_column if spec.regression else None,
+        spec.n_features, _gather)
+    if features is None:
+        raise TrainingError("the training set is empty: give data.train_path more rows")
+    reporter.note(f"normalization: mean/std of {len(features['mean'])} features over "
+                  f"{features['count']} training steps"
+                  + (f"; targets mean {target['mean'][0]:.4g} std {target['std'][0]:.4g}" if target else ""),
+                  statistics_s=time.perf_counter() - start)
+    return spec.replace(normalization=Moments.from_dict(features),
+                        target_normalization=Moments.from_dict(target))
+
+
+def _set_up(args: WorkerArgs, rank: int, reporter: Reporter):
+    """This worker's shards, the model (from its checkpoint when there is one), the optimizer,
+    the schedule, the task and where training stands."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = args.cfg
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and args.resume_from:
+        checkpoint = ray.train.Checkpoint(args.resume_from)
+    state = load_state(checkpoint)
+    spec = ModelSpec.from_dict(state["meta"]) if state else args.spec
+    # Shards that fit data.cache_mb are streamed once and then replayed from this worker's memory.
+    shards = {split: ShardCache(ray.train.get_dataset_shard(split), cfg.data.cache_mb * 2**20,
+                                args.shard_rows.get(split)) for split in ("train", "val")}
+    if cfg.data.normalize and spec.normalization is None:
+        spec = with_statistics(spec, shards["train"], cfg, reporter)
+    # The model's buffers (normalization statistics) are constants: DDP's default broadcast of
+    # them before every forward would be one more collective, i.e. one more wait, per step.
+    model = ray.train.torch.prepare_model(build_model(spec),
+                                          parallel_strategy_kwargs={"broadcast_buffers": False})
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
+    progress = restore_state(state, model, optimizer, scheduler)
+    task = task_for(spec, cfg.train)
+    collate = SequenceCollate(cfg.data.features_column, cfg.data.label_column, task, spec.n_features)
+    batching = dict(collate=collate, batch_size=cfg.data.batch_size, window=cfg.data.bucket_window,
+                    column=cfg.data.features_column, seed=cfg.train.seed, rank=rank)
+    return spec, shards, model, optimizer, scheduler, progress, task, batching
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -246,28 +352,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     device = ray.train.torch.get_device()
-    # The model's buffers (normalization statistics) are constants: DDP's default broadcast of
-    # them before every forward would be one more collective, i.e. one more wait, per step.
-    model = ray.train.torch.prepare_model(build_model(args.spec),
-                                          parallel_strategy_kwargs={"broadcast_buffers": False})
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and args.resume_from:
-        checkpoint = ray.train.Checkpoint(args.resume_from)
-    progress = restore_state(checkpoint, model, optimizer, scheduler)
-
-    task = task_for(args.spec, cfg.train)
-    collate = SequenceCollate(cfg.data.features_column, cfg.data.label_column, task, args.spec.n_features)
-    # Shards that fit data.cache_mb are streamed once and then replayed from this worker's memory.
-    shards = {split: ShardCache(ray.train.get_dataset_shard(split), cfg.data.cache_mb * 2**20,
-                                args.shard_rows.get(split)) for split in ("train", "val")}
-    batching = dict(collate=collate, batch_size=cfg.data.batch_size, window=cfg.data.bucket_window,
-                    column=cfg.data.features_column, seed=cfg.train.seed, rank=rank)
     reporter = Reporter(args, rank)
+    spec, shards, model, optimizer, scheduler, progress, task, batching = _set_up(args, rank, reporter)
     for epoch in range(progress.epoch, cfg.train.epochs):
-        t0, timing = time.perf_counter(), {}
+        t0, timing, started_at = time.perf_counter(), {}, time.time()
         loss_sum, seen, progress.step = train_epoch(
             model, optimizer, shards["train"].batches(epoch=epoch, **batching), device,
             cfg.train.grad_clip, reporter.step, progress.step, epoch, timing, loss_fn=task.loss)
@@ -288,14 +380,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "data_wait_fraction": timing["data_wait"] / max(timing["total"], 1e-9)}
         scheduler.step()
         progress.epoch = epoch + 1
-        progress.update(cfg.train.early_stopping_metric, metrics[cfg.train.early_stopping_metric])
+        improved = progress.update(cfg.train.early_stopping_metric, metrics)
         patience = cfg.train.early_stopping_patience
         stop = patience is not None and progress.stale >= patience and epoch + 1 < cfg.train.epochs
         metrics["early_stopped"] = int(stop)
-        reporter.epoch(metrics, lambda d: save_state(d, model=model, optimizer=optimizer,
-                                                     scheduler=scheduler, progress=progress,
-                                                     args=args, val_confusion=task.confusion(sums[2:])))
+        last = stop or epoch + 1 == cfg.train.epochs
+        save = improved or last or (epoch + 1) % cfg.train.checkpoint_every == 0
+        reporter.epoch(metrics, (lambda d: save_state(
+            d, model=model, optimizer=optimizer, scheduler=scheduler, progress=progress, args=args,
+            spec=spec, val_confusion=task.confusion(sums[2:]))) if save else None, started_at)
         if stop:
             break
     reporter.close()
-
